@@ -1,0 +1,23 @@
+# Two commands for a new user: `make run` (set up, then the whole study on the toy default)
+# and `make test` (set up, then the test suite). Everything runs from the project venv.
+SHELL := /bin/bash
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup run test lint bench clean-outputs
+
+setup:
+	@bash tools/setup.sh
+
+run: setup
+	dvc repro
+
+test: setup
+	ruff check pipeline stages tests bench
+	python -m pytest -q tests
+
+lint: setup
+	ruff check pipeline stages tests bench
+
+bench: setup
+	python bench/loader.py
