@@ -1,0 +1,62 @@
+"""Checkpoints are plain dicts of tensors and Python values, written atomically, read weights-only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same directory, fsync, then rename: a kill never leaves a
+    truncated file under `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | Path) -> dict:
+    """torch.load(weights_only=True), with the file named in any error."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from None
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors / plain types (weights_only refuses numpy arrays)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"]))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def params_hash(section: dict) -> str:
+    """A short stable hash of a params section: a resume checkpoint only continues the same run."""
+    return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,221 @@
+"""The params.yaml schema: the single source of defaults, types and allowed values for every stage.
+
+Each section is a dataclass; a field's `metadata` holds its constraints (`choices`, `min`, `max`,
+`min_exclusive`). `load_params` turns params.yaml into `Params` and stops with one line naming the key
+and what is allowed, before any stage does work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHS = ("resnet18", "resnet50")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that no stage can run with; the message names the key."""
+
+
+def _f(default: Any, **constraints: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=constraints)
+    return field(default=default, metadata=constraints)
+
+
+@dataclass
+class ToyParams:
+    """The built-in toy set: textures whose class is the pattern, never the colour (see pipeline/data/toy.py)."""
+
+    classes: int = _f(8, min=2, max=15)
+    train_per_class: int = _f(160, min=1)
+    val_per_class: int = _f(40, min=1)
+    size: int = _f(64, min=16)
+    seed: int = _f(0, min=0)
+
+
+@dataclass
+class DataParams:
+    train_dir: str = _f("data/toy/train")
+    val_dir: str = _f("data/toy/val")
+    max_resolution: int = _f(64, min=8)  # longest side stored in the .beton (JPEG)
+    jpeg_quality: int = _f(90, min=1, max=100)
+    on_corrupt: str = _f("fail", choices=("fail", "skip"))
+    num_workers: int = _f(2, min=1)
+
+
+@dataclass
+class ModelParams:
+    arch: str = _f("resnet18", choices=ARCHS)
+
+
+@dataclass
+class PretrainParams:
+    method: str = _f("moco", choices=("moco",))
+    epochs: int = _f(15, min=1)
+    batch_size: int = _f(64, min=2)  # per process; the global batch is batch_size x world size
+    lr: float = _f(0.12, min_exclusive=0)  # per 256 images of global batch (linear scaling rule)
+    momentum: float = _f(0.9, min=0, max=1)
+    weight_decay: float = _f(1e-4, min=0)
+    schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
+    lr_steps: list = _f([0.6, 0.8])  # fractions of training at which "step" multiplies lr by 0.1
+    res: int = _f(64, min=8)
+    dim: int = _f(128, min=1)  # feature dimension of the projection head
+    queue_size: int = _f(4096, min=1)  # K
+    key_momentum: float = _f(0.99, min=0, max=1)  # m
+    temperature: float = _f(0.2, min_exclusive=0)  # T
+    mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head
+    bn_splits: int = _f(8, min=1)  # one process: emulate shuffle BN with this many BN groups (1 = off)
+    crop_scale: list = _f([0.2, 1.0])
+    blur_sigma: list = _f([0.1, 2.0])  # MoCo v2 uses 0.1-2.0 px at 224 px
+    seed: int = _f(0, min=0)
+
+
+@dataclass
+class LinevalParams:
+    checkpoint: str = _f("")  # "" = this pipeline's pretrain output; else a MoCo-format checkpoint file
+    epochs: int = _f(30, min=1)
+    batch_size: int = _f(256, min=1)
+    lr: float = _f(10.0, min_exclusive=0)  # MoCo: 30 on IN-1k, 10 on IN-100 (batch 256)
+    momentum: float = _f(0.9, min=0, max=1)
+    weight_decay: float = _f(0.0, min=0)
+    lr_steps: list = _f([0.6, 0.8])  # MoCo: x0.1 at epochs 60 and 80 of 100
+    res: int = _f(64, min=8)
+    augment: bool = _f(True)  # RandomResizedCrop+flip per epoch (reference); False = features computed once
+    seed: int = _f(0, min=0)
+
+
+@dataclass
+class KnnParams:
+    k: int = _f(200, min=1)
+    temperature: float = _f(0.07, min_exclusive=0)
+    res: int = _f(64, min=8)
+    batch_size: int = _f(256, min=1)
+
+
+@dataclass
+class LaunchParams:
+    executor: str = _f("local", choices=("local",))
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    toy: ToyParams = field(default_factory=ToyParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    lineval: LinevalParams = field(default_factory=LinevalParams)
+    knn: KnnParams = field(default_factory=KnnParams)
+    launch: LaunchParams = field(default_factory=LaunchParams)
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(key: str, value: Any, f: Any, tp: Any) -> Any:
+    """Type-check one leaf value (int accepted for float) and apply its metadata constraints."""
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"params: {key} = {value!r} must be of type {_type_name(tp)}")
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"params: {key} = {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"params: {key} = {value!r} must be >= {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"params: {key} = {value!r} must be <= {meta['max']}")
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        raise ConfigError(f"params: {key} = {value!r} must be > {meta['min_exclusive']}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {prefix or 'the file'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = f"{prefix}." if prefix else ""
+            raise ConfigError(
+                f"params: unknown key '{where}{key}'{hint}; allowed in {prefix or 'top level'}: "
+                f"{', '.join(known)}"
+            )
+    values = {}
+    for name, f in known.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if isinstance(tp, types.GenericAlias):
+            tp = typing.get_origin(tp)
+        if is_dataclass(tp):
+            values[name] = _build(tp, raw.get(name, {}), key)
+        elif name in raw:
+            values[name] = _check_value(key, raw[name], f, tp)
+        else:
+            values[name] = f.default if f.default is not MISSING else f.default_factory()
+    return cls(**values)
+
+
+def _check_range_pair(key: str, pair: list, lo: float, hi: float) -> None:
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or not lo <= pair[0] <= pair[1] <= hi:
+        raise ConfigError(f"params: {key} = {pair!r} must be [low, high] with {lo} <= low <= high <= {hi}")
+
+
+def _check_cross(p: Params) -> None:
+    """Constraints between keys."""
+    pt = p.pretrain
+    global_batch = pt.batch_size * p.world_size
+    if pt.queue_size % global_batch:
+        raise ConfigError(
+            f"params: pretrain.queue_size = {pt.queue_size} must be a multiple of the global batch "
+            f"{global_batch} (pretrain.batch_size {pt.batch_size} x world size {p.world_size})"
+        )
+    if pt.batch_size % pt.bn_splits:
+        raise ConfigError(
+            f"params: pretrain.batch_size = {pt.batch_size} must be divisible by pretrain.bn_splits = {pt.bn_splits}"
+        )
+    _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
+    _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
+    for key, steps in (("pretrain.lr_steps", pt.lr_steps), ("lineval.lr_steps", p.lineval.lr_steps)):
+        if not all(isinstance(s, (int, float)) and 0 < s < 1 for s in steps) or list(steps) != sorted(steps):
+            raise ConfigError(f"params: {key} = {steps!r} must be increasing fractions of training in (0, 1)")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, type-check and validate params.yaml; raises ConfigError with one line naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params: {path} is not valid YAML: {e}") from None
+    params = _build(Params, raw, "")
+    _check_cross(params)
+    return params
+
+
+def require_dir(key: str, value: str) -> Path:
+    """A data path from params that a stage is about to read: fail now, naming the key, if it is missing."""
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"params: {key} = {value!r}: directory not found")
+    return path

@@ -1,0 +1,124 @@
+"""Evaluation of a frozen backbone: linear classification (MoCo's main_lincls.py protocol) and weighted kNN."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import LinevalParams
+from pipeline.data.ffcv_io import EvalLoader
+from pipeline.models.backbone import FEATURE_DIM
+
+
+def weights_digest(net: nn.Module) -> str:
+    """Hash of every parameter and buffer (BN running stats included): proves the backbone stayed frozen."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features [N, C] and labels [N] of one pass over `loader`, in eval mode."""
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        feats.append(backbone(x))  # [B, C]
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...]) -> list[int]:
+    """Number of samples whose label is among the top-k scores, for each k (k capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [N, kmax]
+    hit = top == y[:, None]  # [N, kmax]
+    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+
+
+def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
+                k: int, T: float, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T).
+    Returns class scores [N_test, C]."""
+    train_f = F.normalize(train_f, dim=1)  # [N, C]
+    k = min(k, train_f.shape[0])
+    scores = []
+    for test_chunk in F.normalize(test_f, dim=1).split(chunk):
+        sim = test_chunk @ train_f.T  # [n, N]
+        w, idx = sim.topk(k, dim=1)  # [n, k]
+        votes = F.one_hot(train_y[idx], num_classes).float() * (w / T).exp()[..., None]  # [n, k, C]
+        scores.append(votes.sum(dim=1))  # [n, C]
+    return torch.cat(scores)  # [N_test, C]
+
+
+def knn_top1(backbone: nn.Module, train_beton: Path, val_beton: Path, res: int, batch_size: int, workers: int,
+             k: int, T: float, num_classes: int) -> float:
+    """kNN top-1 (%) of the val set against the train set's features, both center-cropped, eval mode."""
+    train_f, train_y = extract_features(backbone, EvalLoader(train_beton, batch_size, res, workers, train_aug=False),
+                                        "knn: train features")
+    val_f, val_y = extract_features(backbone, EvalLoader(val_beton, batch_size, res, workers, train_aug=False),
+                                    "knn: val features")
+    scores = knn_predict(train_f, train_y, val_f, num_classes, k, T)
+    return 100.0 * topk_correct(scores, val_y, (1,))[0] / len(val_y)
+
+
+def linear_eval(backbone: nn.Module, arch: str, train_beton: Path, val_beton: Path, num_classes: int,
+                lp: LinevalParams, workers: int, live_dir: Path) -> dict:
+    """Train a linear classifier on the frozen backbone; top-1/top-5 (%) on val. Fails if the backbone changed."""
+    torch.manual_seed(lp.seed)
+    for p in backbone.parameters():
+        p.requires_grad = False
+    backbone.eval()
+    before = weights_digest(backbone)
+
+    fc = nn.Linear(FEATURE_DIM[arch], num_classes)
+    nn.init.normal_(fc.weight, std=0.01)
+    nn.init.zeros_(fc.bias)
+    base_lr = lp.lr * lp.batch_size / 256
+    opt = torch.optim.SGD(fc.parameters(), lr=base_lr, momentum=lp.momentum, weight_decay=lp.weight_decay)
+    milestones = [round(s * lp.epochs) for s in lp.lr_steps]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+
+    val_loader = EvalLoader(val_beton, lp.batch_size, lp.res, workers, train_aug=False)
+    val_f, val_y = extract_features(backbone, val_loader, "lineval: val features")
+    if lp.augment:
+        train_loader = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=True, seed=lp.seed)
+    else:  # features computed once; the classifier then trains on shuffled mini-batches of them
+        train_f, train_y = extract_features(
+            backbone, EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=False), "lineval: train features")
+
+    live = Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+    for epoch in range(lp.epochs):
+        fc.train()
+        if lp.augment:
+            train_loader.set_epoch(epoch)
+            batches = ((backbone(x).detach(), y) for x, y in train_loader)
+        else:
+            perm = torch.randperm(len(train_y))
+            batches = ((train_f[i], train_y[i]) for i in perm.split(lp.batch_size))
+        loss_sum, n = 0.0, 0
+        for f, y in batches:
+            loss = F.cross_entropy(fc(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum, n = loss_sum + loss.item() * len(y), n + len(y)
+        sched.step()
+        with torch.no_grad():
+            top1, top5 = topk_correct(fc(val_f), val_y, (1, 5))
+        live.log_metric("lineval/train_loss", loss_sum / max(n, 1))
+        live.log_metric("lineval/val_top1", 100.0 * top1 / len(val_y))
+        live.next_step()
+    live.end()
+
+    if weights_digest(backbone) != before:
+        raise RuntimeError("lineval: the backbone weights or BN statistics changed during linear evaluation")
+    return {"top1": 100.0 * top1 / len(val_y), "top5": 100.0 * top5 / len(val_y), "epochs": lp.epochs,
+            "backbone_unchanged": True}

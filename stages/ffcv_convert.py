@@ -1,0 +1,30 @@
+"""DVC stage ffcv_convert: ImageFolder train/val -> data/ffcv/{train,val}.beton (+ metrics/ffcv.json)."""
+
+from pathlib import Path
+
+from pipeline.cli import run_stage, write_json
+from pipeline.config import Params, require_dir
+from pipeline.data.ffcv_io import write_beton
+
+OUT = Path("data/ffcv")
+
+
+def main(p: Params) -> None:
+    d = p.data
+    dirs = {"train": require_dir("data.train_dir", d.train_dir), "val": require_dir("data.val_dir", d.val_dir)}
+    summary = {}
+    for split, src in dirs.items():
+        info = write_beton(src, OUT / f"{split}.beton", d.max_resolution, d.jpeg_quality, d.on_corrupt, d.num_workers)
+        for path in info["skipped"]:
+            print(f"ffcv_convert: skipped unreadable image {path}")
+        summary[split] = {"images": info["images"], "classes": len(info["classes"]), "skipped": len(info["skipped"])}
+        print(f"ffcv_convert: {split}: {info['images']} images, {len(info['classes'])} classes, "
+              f"{len(info['skipped'])} skipped")
+    if summary["train"]["classes"] != summary["val"]["classes"]:
+        raise ValueError(f"data.train_dir has {summary['train']['classes']} classes but data.val_dir has "
+                         f"{summary['val']['classes']}")
+    write_json("metrics/ffcv.json", summary)
+
+
+if __name__ == "__main__":
+    run_stage("ffcv_convert", main)

@@ -1,0 +1,30 @@
+"""DVC stage knn: weighted kNN top-1 of the pretrained backbone and of a random-init control -> metrics/knn.json."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.cli import run_stage, write_json
+from pipeline.config import Params
+from pipeline.models.backbone import load_backbone, resnet
+from pipeline.train.evaluate import knn_top1
+
+
+def main(p: Params) -> None:
+    pretrained = load_backbone(Path("models/pretrain/checkpoint.pt"), p.model.arch)
+    torch.manual_seed(p.pretrain.seed)
+    control = resnet(p.model.arch)  # same architecture, random init, evaluated identically
+    num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
+    betons = Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton")
+    kn = p.knn
+    top1 = {name: knn_top1(net, *betons, kn.res, kn.batch_size, p.data.num_workers, kn.k, kn.temperature, num_classes)
+            for name, net in (("pretrained", pretrained), ("random_init", control))}
+    metrics = {"top1": top1["pretrained"], "random_init_top1": top1["random_init"],
+               "gain": top1["pretrained"] - top1["random_init"], "k": kn.k, "temperature": kn.temperature}
+    print(f"knn: top-1 {metrics['top1']:.2f} (random init {metrics['random_init_top1']:.2f})")
+    write_json("metrics/knn.json", metrics)
+
+
+if __name__ == "__main__":
+    run_stage("knn", main)

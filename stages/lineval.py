@@ -1,0 +1,26 @@
+"""DVC stage lineval: linear classifier on the frozen pretrained backbone -> metrics/lineval.json."""
+
+import json
+from pathlib import Path
+
+from pipeline.cli import run_stage, write_json
+from pipeline.config import Params
+from pipeline.models.backbone import load_backbone
+from pipeline.train.evaluate import linear_eval
+
+
+def main(p: Params) -> None:
+    ckpt = Path(p.lineval.checkpoint or "models/pretrain/checkpoint.pt")
+    if p.lineval.checkpoint and not ckpt.is_file():
+        raise FileNotFoundError(f"lineval.checkpoint = {p.lineval.checkpoint!r}: file not found")
+    backbone = load_backbone(ckpt, p.model.arch)
+    num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
+    metrics = linear_eval(backbone, p.model.arch, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
+                          num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"))
+    metrics["checkpoint"] = str(ckpt)
+    print(f"lineval: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+    write_json("metrics/lineval.json", metrics)
+
+
+if __name__ == "__main__":
+    run_stage("lineval", main)
