@@ -56,8 +56,36 @@ class ModelParams:
 
 
 @dataclass
+class MochiParams:
+    """MoCHi(N, s, s'): s mixes of two hard negatives, s' mixes of the query with one, from its top N."""
+
+    n_hard: int = _f(1024, min=2)  # N
+    s: int = _f(1024, min=0)
+    s_prime: int = _f(512, min=0)
+
+
+@dataclass
+class SyncoParams:
+    """SynCo: six synthetic types from each query's top N (interpolated, extrapolated, mixup, noise,
+    perturbed, adversarial)."""
+
+    n_hard: int = _f(1024, min=2)  # N
+    counts: list = _f([256, 256, 256, 64, 64, 64])  # n1..n6; 0 switches a type off
+    sigma: float = _f(0.01, min=0)  # type 4 noise std
+    delta: float = _f(0.01, min=0)  # type 5 step
+    eta: float = _f(0.01, min=0)  # type 6 step
+
+
+@dataclass
 class PretrainParams:
-    method: str = _f("moco", choices=("moco",))
+    method: str = _f("moco", choices=("moco", "mochi", "synco"))
+    loss: str = _f("infonce", choices=("infonce", "dcl", "hcl"))
+    tau_plus: float = _f(0.1, min=0, max_exclusive=1)  # DCL/HCL class prior (~1/C)
+    beta: float = _f(1.0, min=0)  # HCL concentration
+    drop_hardest: float = _f(0.0, min=0, max_exclusive=1)  # fraction of each query's queue presumed false negatives
+    hard_start_epoch: int = _f(5, min=0)  # synthetic negatives from this epoch on (papers: 10 on IN-100, 15 on IN-1k)
+    mochi: MochiParams = field(default_factory=MochiParams)
+    synco: SyncoParams = field(default_factory=SyncoParams)
     epochs: int = _f(15, min=1)
     batch_size: int = _f(64, min=2)  # per process; the global batch is batch_size x world size
     lr: float = _f(0.12, min_exclusive=0)  # per 256 images of global batch (linear scaling rule)
@@ -72,6 +100,7 @@ class PretrainParams:
     temperature: float = _f(0.2, min_exclusive=0)  # T
     mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head
     bn_splits: int = _f(8, min=1)  # one process: emulate shuffle BN with this many BN groups (1 = off)
+    analysis_every: int = _f(5, min=1)  # epochs between the analyses of the val set (and the last epoch)
     crop_scale: list = _f([0.2, 1.0])
     blur_sigma: list = _f([0.1, 2.0])  # MoCo v2 uses 0.1-2.0 px at 224 px
     seed: int = _f(0, min=0)
@@ -142,6 +171,8 @@ def _check_value(key: str, value: Any, f: Any, tp: Any) -> Any:
         raise ConfigError(f"params: {key} = {value!r} must be <= {meta['max']}")
     if "min_exclusive" in meta and value <= meta["min_exclusive"]:
         raise ConfigError(f"params: {key} = {value!r} must be > {meta['min_exclusive']}")
+    if "max_exclusive" in meta and value >= meta["max_exclusive"]:
+        raise ConfigError(f"params: {key} = {value!r} must be < {meta['max_exclusive']}")
     return value
 
 
@@ -192,6 +223,16 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(
             f"params: pretrain.batch_size = {pt.batch_size} must be divisible by pretrain.bn_splits = {pt.bn_splits}"
         )
+    if pt.method != "moco" and pt.hard_start_epoch >= pt.epochs:
+        raise ConfigError(
+            f"params: pretrain.hard_start_epoch = {pt.hard_start_epoch} must be < pretrain.epochs = {pt.epochs}, "
+            f"else pretrain.method = {pt.method} never synthesizes a negative"
+        )
+    counts = pt.synco.counts
+    if len(counts) != 6 or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise ConfigError(f"params: pretrain.synco.counts = {counts!r} must be six integers >= 0 (n1..n6)")
+    if pt.method == "mochi" and pt.mochi.s + pt.mochi.s_prime == 0 or pt.method == "synco" and sum(counts) == 0:
+        raise ConfigError(f"params: pretrain.method = {pt.method} with no synthetic negatives (all counts 0)")
     _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
     _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
     for key, steps in (("pretrain.lr_steps", pt.lr_steps), ("lineval.lr_steps", p.lineval.lr_steps)):

@@ -8,8 +8,9 @@ from pipeline.train.pretrain import pretrain
 
 
 def main(p: Params) -> None:
-    metrics = pretrain(p, Path("data/ffcv/train.beton"), out_path=Path("models/pretrain/checkpoint.pt"),
-                       state_path=Path("checkpoints/pretrain/last.pt"), live_dir=Path("dvclive/pretrain"))
+    metrics = pretrain(p, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
+                       out_path=Path("models/pretrain/checkpoint.pt"), state_path=Path("checkpoints/pretrain/last.pt"),
+                       live_dir=Path("dvclive/pretrain"), analysis_dir=Path("analysis/pretrain"))
     write_json("metrics/pretrain.json", metrics)
 
 

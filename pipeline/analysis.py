@@ -1,0 +1,42 @@
+"""The analyses of the hard-negative papers, as pure functions on L2-normalised features.
+
+alignment / uniformity: Wang & Isola (2020). hardness: the MoCHi/SynCo figure of the sorted top matching
+probabilities of the queue. class_distance_ratio: inter- over intra-class distance (MoCHi, SynCo).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def alignment(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0) -> float:
+    """E ||x - y||^alpha over positive pairs x [N, D], y [N, D] (lower = views closer)."""
+    return (x - y).norm(dim=1).pow(alpha).mean().item()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
+    """log E exp(-t ||x_i - x_j||^2) over all pairs i < j of x [N, D] (lower = more uniform)."""
+    return torch.pdist(x, p=2).pow(2).mul(-t).exp().mean().log().item()
+
+
+def hardness(l_pos: torch.Tensor, l_neg: torch.Tensor, T: float, top: int = 1024) -> torch.Tensor:
+    """Mean over queries of the sorted top-`top` matching probabilities of the negatives [top].
+
+    p = softmax([q.k+, q.queue] / T); the negatives' probabilities are sorted per query (largest first)
+    and averaged per rank: mass in the first ranks means a few very hard negatives."""
+    p = torch.softmax(torch.cat([l_pos[:, None], l_neg], dim=1) / T, dim=1)[:, 1:]  # [B, K]
+    return p.topk(min(top, p.shape[1]), dim=1).values.mean(dim=0)  # [top]
+
+
+def class_distance_ratio(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample: mean distance to other classes / mean distance to its own class (self excluded) [N].
+
+    Larger = classes better separated. Samples alone in their class are left out."""
+    d = torch.cdist(x, x)  # [N, N]
+    same = labels[:, None] == labels[None, :]  # [N, N]
+    same.fill_diagonal_(False)
+    diff = labels[:, None] != labels[None, :]  # [N, N]
+    keep = same.any(dim=1) & diff.any(dim=1)  # [N]
+    intra = (d * same).sum(1) / same.sum(1).clamp(min=1)  # [N]
+    inter = (d * diff).sum(1) / diff.sum(1).clamp(min=1)  # [N]
+    return (inter / intra)[keep]  # [N']

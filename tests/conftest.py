@@ -1,0 +1,58 @@
+"""Shared fixtures: a scratch copy of the project with tiny params, where the real stages and DVC run."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the smallest study that still exercises every stage for real
+TINY = {
+    "toy": {"classes": 3, "train_per_class": 16, "val_per_class": 8, "size": 32},
+    "data": {"max_resolution": 32, "num_workers": 1},
+    "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 32, "bn_splits": 2, "res": 32},
+    "lineval": {"epochs": 2, "batch_size": 16, "res": 32},
+    "knn": {"k": 5, "res": 32},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(cwd))
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    """A git + DVC project in tmp_path with this repo's code and tiny params. Returns (path, set_params)."""
+    for name in ("pipeline", "stages", "dvc.yaml", "params.yaml"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, tmp_path / name)
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+
+    def set_params(over: dict) -> None:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
+
+    set_params(TINY)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "tiny study"], tmp_path)
+    return tmp_path, set_params

@@ -1,0 +1,58 @@
+"""The real stages under the real DVC on tiny data: repro, metrics, selective re-runs, resume after a kill."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import run
+
+
+def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
+    path, set_params = project
+    run(["dvc", "repro"], path)
+    for name in ("ffcv", "pretrain", "lineval", "knn"):
+        assert (path / "metrics" / f"{name}.json").is_file(), name
+    lineval = json.loads((path / "metrics/lineval.json").read_text())
+    knn = json.loads((path / "metrics/knn.json").read_text())
+    assert 0 <= lineval["top1"] <= 100 and lineval["top1"] <= lineval["top5"]
+    assert lineval["backbone_unchanged"] is True
+    assert {"top1", "random_init_top1", "gain"} <= set(knn)
+    pretrain = json.loads((path / "metrics/pretrain.json").read_text())
+    assert pretrain["steps"] == 2 * (3 * 16 // 8)  # 2 epochs of 6 full batches
+    shown = run(["dvc", "metrics", "show", "--json"], path).stdout
+    assert "top1" in shown
+
+    set_params({"lineval": {"epochs": 3}})
+    out = run(["dvc", "repro"], path).stdout
+    assert "Running stage 'lineval'" in out
+    for stage in ("toy_data", "ffcv_convert", "pretrain", "knn"):
+        assert f"Running stage '{stage}'" not in out, out
+
+
+def test_killed_pretraining_resumes_from_the_saved_step(project):
+    path, set_params = project
+    set_params({"pretrain": {"epochs": 4}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    state = path / "checkpoints/pretrain/last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={"PYTHONPATH": str(path), "PATH": "/usr/bin:/bin"})
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-training, after at least one complete epoch
+    proc.wait()
+    assert state.exists(), proc.stdout.read()
+
+    import torch
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == (saved["epoch"] + 1) * 6
+    assert saved["epoch"] < 3, "the kill came too late to test a resume"
+
+    out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    assert f"resuming {state.relative_to(path)} after epoch {saved['epoch']} (step {saved['step']})" in out
+    assert f"pretrain: epoch {saved['epoch'] + 1}/4 loss" not in out  # the saved epoch is not trained again
+    assert f"pretrain: epoch {saved['epoch'] + 2}/4 loss" in out
+    final = json.loads((path / "metrics/pretrain.json").read_text())
+    assert final["steps"] == 4 * 6
