@@ -130,7 +130,24 @@ class KnnParams:
 
 @dataclass
 class LaunchParams:
-    executor: str = _f("local", choices=("local",))
+    """Where stages run: here (local) or as SLURM jobs through submitit. Chosen explicitly, never guessed."""
+
+    executor: str = _f("local", choices=("local", "slurm"))
+    profile: str = _f("")  # slurm/profiles/<profile>.yaml: cluster defaults under the keys set here
+    partition: str = _f("")
+    account: str = _f("")
+    qos: str = _f("")
+    constraint: str = _f("")
+    nodes: int = _f(1, min=1)
+    tasks_per_node: int = _f(1, min=1)  # one DDP process per task (per GPU)
+    gpus_per_node: int = _f(0, min=0)
+    cpus_per_task: int = _f(2, min=1)
+    mem_gb: int = _f(8, min=1)
+    timeout_min: int = _f(60, min=1)
+    signal_delay_s: int = _f(120, min=0)  # preemption/time-limit signal this long before the end: checkpoint + requeue
+    max_requeues: int = _f(10, min=0)
+    extra_sbatch: dict = _f({})  # any other sbatch option, e.g. {exclusive: true}
+    local_scratch: str = _f("")  # copy the .beton files to this node-local dir before training ("" = read in place)
 
 
 @dataclass
@@ -145,7 +162,9 @@ class Params:
 
     @property
     def world_size(self) -> int:
-        return 1
+        """Processes of one training job: nodes x tasks per node on SLURM, 1 locally."""
+        lp = self.launch
+        return lp.nodes * lp.tasks_per_node if lp.executor == "slurm" else 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -240,6 +259,18 @@ def _check_cross(p: Params) -> None:
             raise ConfigError(f"params: {key} = {steps!r} must be increasing fractions of training in (0, 1)")
 
 
+def _profile(params_path: Path, name: str) -> dict:
+    """A named cluster profile: slurm/profiles/<name>.yaml beside params.yaml, a `launch:` mapping."""
+    path = params_path.parent / "slurm" / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(f.stem for f in path.parent.glob("*.yaml"))
+        raise ConfigError(f"params: launch.profile = {name!r}: no file {path} (profiles: {', '.join(known) or 'none'})")
+    launch = (yaml.safe_load(path.read_text()) or {}).get("launch", {})
+    if not isinstance(launch, dict):
+        raise ConfigError(f"params: {path}: 'launch' must be a mapping")
+    return launch
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read, type-check and validate params.yaml; raises ConfigError with one line naming the key."""
     path = Path(path)
@@ -249,6 +280,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"params: {path} is not valid YAML: {e}") from None
+    launch = raw.get("launch") or {}
+    if isinstance(launch, dict) and launch.get("profile"):
+        raw["launch"] = _profile(path, launch["profile"]) | launch
     params = _build(Params, raw, "")
     _check_cross(params)
     return params

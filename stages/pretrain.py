@@ -1,17 +1,24 @@
-"""DVC stage pretrain: MoCo v2 on data/ffcv/train.beton -> models/pretrain/checkpoint.pt, metrics/pretrain.json."""
+"""DVC stage pretrain: MoCo v2 on data/ffcv/train.beton -> models/pretrain/checkpoint.pt, metrics/pretrain.json.
+
+Runs here or as a (multi-GPU, multi-node) SLURM job, per launch.executor; blocks until it ends."""
 
 from pathlib import Path
 
+from pipeline import launch
+from pipeline.checkpoint import params_hash
 from pipeline.cli import run_stage, write_json
 from pipeline.config import Params
-from pipeline.train.pretrain import pretrain
+from pipeline.train.pretrain import pretrain, run_identity
 
 
 def main(p: Params) -> None:
-    metrics = pretrain(p, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
-                       out_path=Path("models/pretrain/checkpoint.pt"), state_path=Path("checkpoints/pretrain/last.pt"),
-                       live_dir=Path("dvclive/pretrain"), analysis_dir=Path("analysis/pretrain"))
-    write_json("metrics/pretrain.json", metrics)
+    here = Path.cwd()
+    metrics, job = launch.run(
+        p, "pretrain", pretrain, p, here / "data/ffcv/train.beton", here / "data/ffcv/val.beton",
+        here / "models/pretrain/checkpoint.pt", here / "checkpoints/pretrain/last.pt", here / "dvclive/pretrain",
+        here / "analysis/pretrain", identity=params_hash(run_identity(p)),
+    )
+    write_json("metrics/pretrain.json", metrics | {"job": job})
 
 
 if __name__ == "__main__":

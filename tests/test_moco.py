@@ -46,7 +46,7 @@ def test_features_are_unit_vectors_and_keys_carry_no_gradient():
     out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     assert torch.allclose(out["q"].norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.allclose(out["k"].norm(dim=1), torch.ones(4), atol=1e-5)
-    assert out["q"].requires_grad and not out["k"].requires_grad and not out["l_neg"].grad_fn is None
+    assert out["q"].requires_grad and not out["k"].requires_grad and out["l_neg"].grad_fn is not None
     assert torch.allclose(model.queue.norm(dim=1), torch.ones(16), atol=1e-5)
 
 

@@ -47,12 +47,13 @@ def test_killed_pretraining_resumes_from_the_saved_step(project):
 
     import torch
     saved = torch.load(state, weights_only=True)
-    assert saved["step"] == (saved["epoch"] + 1) * 6
-    assert saved["epoch"] < 3, "the kill came too late to test a resume"
+    assert saved["batch"] == 0 and saved["step"] == saved["epoch"] * 6
+    assert 1 <= saved["epoch"] < 4, "the kill came too late to test a resume"
 
     out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
-    assert f"resuming {state.relative_to(path)} after epoch {saved['epoch']} (step {saved['step']})" in out
-    assert f"pretrain: epoch {saved['epoch'] + 1}/4 loss" not in out  # the saved epoch is not trained again
-    assert f"pretrain: epoch {saved['epoch'] + 2}/4 loss" in out
+    e = saved["epoch"]
+    assert f"resuming {state} at epoch {e + 1} batch 0 (step {saved['step']})" in out
+    assert f"pretrain: epoch {e}/4 loss" not in out  # the saved epoch is not trained again
+    assert f"pretrain: epoch {e + 1}/4 loss" in out
     final = json.loads((path / "metrics/pretrain.json").read_text())
     assert final["steps"] == 4 * 6

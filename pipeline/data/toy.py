@@ -24,12 +24,15 @@ PATTERNS = {
     "grid": lambda u, v, p, f: (np.mod(u / p + f, 1) < 0.25) | (np.mod(v / p + f, 1) < 0.25),
     "zigzag": lambda u, v, p, f: np.sin(2 * np.pi * (v / p + 0.6 * np.abs(np.mod(u / p, 2) - 1) + f)) > 0,
     "diagonal": lambda u, v, p, f: np.sin(2 * np.pi * ((u + v) / (1.41 * p) + f)) > 0,
-    "crosses": lambda u, v, p, f: (np.abs(np.mod(u / p + f, 1) - 0.5) < 0.12) ^ (np.abs(np.mod(v / p + f, 1) - 0.5) < 0.12),
+    "crosses": lambda u, v, p, f: (np.abs(np.mod(u / p + f, 1) - 0.5) < 0.12)
+    ^ (np.abs(np.mod(v / p + f, 1) - 0.5) < 0.12),
     "triangles": lambda u, v, p, f: np.mod(u / p + f, 1) > np.mod(v / p + f, 1),
     "waves": lambda u, v, p, f: np.sin(2 * np.pi * (v / p + 0.25 * np.sin(2 * np.pi * u / (2 * p)) + f)) > 0,
-    "bricks": lambda u, v, p, f: (np.mod(v / p + f, 1) < 0.2) | (np.mod(u / p + 0.5 * (np.floor(v / p + f) % 2), 1) < 0.15),
+    "bricks": lambda u, v, p, f: (np.mod(v / p + f, 1) < 0.2)
+    | (np.mod(u / p + 0.5 * (np.floor(v / p + f) % 2), 1) < 0.15),
     "spiral": lambda u, v, p, f: np.sin(np.arctan2(v, u) * 2 + 2 * np.pi * (np.hypot(u, v) / p + f)) > 0,
-    "squares": lambda u, v, p, f: np.maximum(np.abs(np.mod(u / p + f, 1) - 0.5), np.abs(np.mod(v / p + f, 1) - 0.5)) < 0.3,
+    "squares": lambda u, v, p, f: np.maximum(np.abs(np.mod(u / p + f, 1) - 0.5),
+                                             np.abs(np.mod(v / p + f, 1) - 0.5)) < 0.3,
 }
 CLASS_NAMES = list(PATTERNS)
 

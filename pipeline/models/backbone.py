@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from pipeline import checkpoint
+
 FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
 
 
@@ -69,7 +71,8 @@ def backbone_state_from_checkpoint(ckpt: dict) -> dict:
         state, prefix = ckpt["state_dict"], "module.encoder_q."
     else:
         raise ValueError(f"not a MoCo checkpoint: top-level keys {sorted(ckpt)[:8]}")
-    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    out = {k: v for k, v in out.items() if not k.startswith("fc.")}
     if not out:
         raise ValueError(f"no '{prefix}*' backbone keys in checkpoint")
     return out
@@ -80,11 +83,7 @@ def load_backbone(path: str | Path, arch: str) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
-    state = backbone_state_from_checkpoint(ckpt)
+    state = backbone_state_from_checkpoint(checkpoint.load(path))
     net = resnet(arch)
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -91,8 +91,8 @@ def linear_eval(backbone: nn.Module, arch: str, train_beton: Path, val_beton: Pa
     if lp.augment:
         train_loader = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=True, seed=lp.seed)
     else:  # features computed once; the classifier then trains on shuffled mini-batches of them
-        train_f, train_y = extract_features(
-            backbone, EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=False), "lineval: train features")
+        plain = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=False)
+        train_f, train_y = extract_features(backbone, plain, "lineval: train features")
 
     live = Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
     for epoch in range(lp.epochs):

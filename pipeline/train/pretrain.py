@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import shutil
-
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from dvclive import Live
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.analysis import alignment, class_distance_ratio, hardness, uniformity
-from pipeline.config import Params
+from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
-from pipeline.config import PretrainParams
+from pipeline.launch import PreemptionFlag, init_distributed
 from pipeline.losses import contrastive_loss, drop_hardest
 from pipeline.models.moco import MoCo
 from pipeline.models.negatives import mochi, synco, synthetic_logits
+
+TRAIN_CURVES = ("loss", "proxy_acc", "proxy_acc_with_synthetic", "lr")
 
 
 def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str, steps: list) -> float:
@@ -118,59 +122,106 @@ def run_identity(p: Params) -> dict:
     return {"model": asdict(p.model), "pretrain": asdict(p.pretrain), "world_size": p.world_size}
 
 
-def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, state_path: Path, live_dir: Path,
-             analysis_dir: Path) -> dict:
-    """Train MoCo v2 on `train_beton`; write the final checkpoint to `out_path`, return summary metrics.
+def stage_to_scratch(betons: list[Path], scratch: str, local_rank: int) -> list[Path]:
+    """Copy the .beton files to node-local scratch once per node (launch.local_scratch); their paths there."""
+    if not scratch:
+        return betons
+    folder = Path(os.path.expandvars(scratch))
+    out = [folder / f"{b.stem}-{b.stat().st_size}{b.suffix}" for b in betons]
+    if local_rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for src, dst in zip(betons, out, strict=True):
+            if not dst.exists():
+                tmp = dst.with_suffix(".tmp")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
 
-    `state_path` holds the last complete epoch (model, queue, optimizer, RNG, step); a run with the same
-    params that finds it continues from there.
+
+def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, state_path: Path, live_dir: Path,
+             analysis_dir: Path) -> dict | None:
+    """Train MoCo v2 on `train_beton`; rank 0 writes the final checkpoint to `out_path` and returns metrics.
+
+    `state_path` holds the last checkpoint: every epoch end, and mid-epoch when SLURM signals a preemption
+    or the time limit (then the job requeues itself). A run with the same params that finds it continues
+    from its exact step.
     """
     pt = p.pretrain
+    rank, world, device = init_distributed()
+    if world != p.world_size:
+        raise ValueError(f"the job has {world} processes but launch.nodes x launch.tasks_per_node = {p.world_size}")
+    local_rank = int(os.environ.get("SLURM_LOCALID", 0))
+    train_beton, val_beton = stage_to_scratch([train_beton, val_beton], p.launch.local_scratch, local_rank)
     torch.manual_seed(pt.seed)
-    model = build_model(p)
-    global_batch = pt.batch_size * p.world_size
+    model = build_model(p).to(device)
+    moco = DistributedDataParallel(model) if world > 1 else model
+    global_batch = pt.batch_size * world
     base_lr = pt.lr * global_batch / 256
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=pt.momentum,
                                 weight_decay=pt.weight_decay)
     identity = checkpoint.params_hash(run_identity(p))
-    start_epoch, step, last = 0, 0, {}
+    # progress: the epoch in progress, batches of it done, global step, that epoch's running sums
+    epoch0, batch0, step, sums, last = 0, 0, 0, [0.0, 0, 0, 0], {}
     if state_path.is_file():
         state = checkpoint.load(state_path)
         if state.get("identity") == identity:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             checkpoint.set_rng_state(state["rng"])
-            start_epoch, step, last = state["epoch"] + 1, state["step"], state["metrics"]
-            print(f"pretrain: resuming {state_path} after epoch {state['epoch']} (step {step})", flush=True)
-        else:
+            epoch0, batch0, step, sums, last = (state["epoch"], state["batch"], state["step"], state["sums"],
+                                                state["metrics"])
+            if rank == 0:
+                print(f"pretrain: resuming {state_path} at epoch {epoch0 + 1} batch {batch0} (step {step})", flush=True)
+        elif rank == 0:
             print(f"pretrain: {state_path} belongs to other params; starting from scratch", flush=True)
 
-    aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
-    loader = TwoViewLoader(train_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed)
-    if len(loader) == 0:
-        raise ValueError(f"{train_beton}: fewer images than one batch (pretrain.batch_size = {pt.batch_size})")
+    def save_state(epoch: int, batch: int) -> None:
+        if rank == 0:
+            checkpoint.save_atomic({
+                "identity": identity, "arch": p.model.arch, "method": pt.method, "epoch": epoch, "batch": batch,
+                "step": step, "sums": sums, "metrics": last, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+            }, state_path)
+        if dist.is_initialized():
+            dist.barrier()
 
-    val_loader = TwoViewLoader(val_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed, drop_last=False)
-    if start_epoch == 0:
+    aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
+    loader = TwoViewLoader(train_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed,
+                           distributed=world > 1)
+    if len(loader) == 0:
+        raise ValueError(f"{train_beton}: fewer images than one global batch ({global_batch})")
+    val_loader = TwoViewLoader(val_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed,
+                               drop_last=False) if rank == 0 else None
+    fresh = epoch0 == 0 and batch0 == 0
+    if rank == 0 and fresh:
         shutil.rmtree(analysis_dir, ignore_errors=True)
-    live = Live(str(live_dir), resume=start_epoch > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+    live = Live(str(live_dir), resume=not fresh, save_dvc_exp=False, dvcyaml=None, report=None) if rank == 0 else None
+    preempt = PreemptionFlag()
     t_start, images = time.time(), 0
-    for epoch in range(start_epoch, pt.epochs):
+    for epoch in range(epoch0, pt.epochs):
         lr = lr_at(base_lr, epoch, pt.epochs, pt.schedule, pt.lr_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loader.set_epoch(epoch)
-        model.train()
-        loss_sum, correct, correct_all, seen = 0.0, 0, 0, 0
-        bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{pt.epochs}", leave=False, dynamic_ncols=True)
-        for im_q, im_k, _ in bar:
+        moco.train()
+        skip = batch0 if epoch == epoch0 else 0
+        if epoch != epoch0:
+            sums = [0.0, 0, 0, 0]  # loss sum, proxy hits, proxy hits with synthetic, samples
+        bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{pt.epochs}", leave=False, dynamic_ncols=True,
+                   disable=rank != 0, initial=skip)
+        for batch, (im_q, im_k, _) in enumerate(bar):
+            if batch < skip:  # resumed mid-epoch: these batches were trained before the interruption
+                continue
+            im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
             B = im_q.shape[0]
-            out = model(im_q, im_k)
-            query_index = step * global_batch + torch.arange(B)  # [B] global index of each query (rank 0 layout)
+            out = moco(im_q, im_k)
+            query_index = step * global_batch + rank * B + torch.arange(B, device=device)  # [B] global query ids
             loss, hits, hits_all = step_loss(out, model.queue, pt, epoch, query_index)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"pretrain: loss is {loss.item()} at step {step} (epoch {epoch}); last good checkpoint: "
+                    f"pretrain: loss is {loss.item()} at step {step} (epoch {epoch + 1}); last good checkpoint: "
                     f"{state_path if state_path.is_file() else 'none'}"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -178,33 +229,36 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             optimizer.step()
             model.dequeue_and_enqueue(out["k"])
             step += 1
-            loss_sum += loss.item() * B
-            correct += int(hits.sum())  # proxy task: k+ ranked above every real negative
-            correct_all += int(hits_all.sum())  # ... and above every synthetic one
-            seen += B
+            sums = [sums[0] + loss.item() * B, sums[1] + int(hits.sum()), sums[2] + int(hits_all.sum()), sums[3] + B]
+            images += B * world
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
-        images += seen
-        last = {"loss": loss_sum / seen, "proxy_acc": correct / seen, "proxy_acc_with_synthetic": correct_all / seen,
-                "lr": lr}
-        for name, value in last.items():
-            live.log_metric(f"train/{name}", value)
-        if (epoch + 1) % pt.analysis_every == 0 or epoch + 1 == pt.epochs:
-            a = analyze(model, val_loader, pt.temperature)
-            write_analysis_tables(a, epoch + 1, analysis_dir)
-            for name in ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc"):
-                last[name] = a[name]
-                live.log_metric(f"analysis/{name}", a[name])
-        live.next_step()
-        print(f"pretrain: epoch {epoch + 1}/{pt.epochs} loss {last['loss']:.4f} "
-              f"proxy acc {last['proxy_acc']:.3f} lr {lr:.4f}", flush=True)
-        checkpoint.save_atomic({
-            "identity": identity, "arch": p.model.arch, "method": pt.method, "epoch": epoch, "step": step,
-            "metrics": last, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
-        }, state_path)
+            if preempt.is_set():
+                save_state(epoch, batch + 1)
+                if rank == 0:
+                    print(f"pretrain: preempted; saved epoch {epoch + 1} batch {batch + 1} (step {step}), "
+                          "requeueing", flush=True)
+                preempt.requeue()
+        totals = torch.tensor(sums, dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        loss_sum, hit, hit_all, seen = totals.tolist()
+        last = {"loss": loss_sum / seen, "proxy_acc": hit / seen, "proxy_acc_with_synthetic": hit_all / seen, "lr": lr}
+        if rank == 0:
+            if (epoch + 1) % pt.analysis_every == 0 or epoch + 1 == pt.epochs:
+                a = analyze(model, val_loader, pt.temperature)
+                write_analysis_tables(a, epoch + 1, analysis_dir)
+                last |= {k: a[k] for k in ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc")}
+            for name, value in last.items():
+                live.log_metric(f"{'train' if name in TRAIN_CURVES else 'analysis'}/{name}", value)
+            live.next_step()
+            print(f"pretrain: epoch {epoch + 1}/{pt.epochs} loss {last['loss']:.4f} "
+                  f"proxy acc {last['proxy_acc']:.3f} lr {lr:.4f}", flush=True)
+        save_state(epoch + 1, 0)
+    if rank != 0:
+        return None
     live.end()
-
     final = checkpoint.load(state_path)
-    checkpoint.save_atomic({k: v for k, v in final.items() if k not in ("optimizer", "rng")}, out_path)
+    checkpoint.save_atomic({k: v for k, v in final.items() if k not in ("optimizer", "rng", "sums")}, out_path)
     seconds = time.time() - t_start
-    return {"method": pt.method, "epochs": pt.epochs, "steps": step, **last,
+    return {"method": pt.method, "epochs": pt.epochs, "steps": step, "world_size": world, **last,
             "images_per_s": round(images / seconds, 1) if images else None, "seconds": round(seconds, 1)}

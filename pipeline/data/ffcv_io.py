@@ -1,0 +1,340 @@
+"""ImageFolder -> FFCV .beton, and the loaders that read it: two MoCo v2 views for pretraining, one view
+for linear evaluation / kNN / validation.
+
+Reproducibility scheme: every random draw is hash(seed, epoch, view, sample index, stream) with splitmix64
+(augment.py), so a batch is the same whatever the number of workers and whether or not earlier epochs ran
+in this process. The order comes from ffcv's seeded RANDOM traversal (a function of seed + epoch). The crop
+is drawn inside the numba decoder; numba freezes closure variables as constants, so the decoder reads the
+current epoch through the address of a one-element array it owns (the address is the frozen constant,
+the content is set by set_epoch). Colour ops, grayscale, blur and flip run batched in torch after
+loading, keyed by the dataset index of each sample, which a small ffcv operation hands over.
+"""
+
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, ResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.transforms import ToTensor
+from ffcv.writer import DatasetWriter
+from numba import njit, types
+from numba.extending import intrinsic
+from PIL import Image
+from torch import Tensor
+
+from pipeline.data.augment import (
+    CROP_STREAM,
+    FLIP,
+    AugParams,
+    MocoV2Augment,
+    apply_where,
+    hflip,
+    mix64_int,
+    normalize,
+    sample_keys,
+    to_float,
+    uniform,
+)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+EVAL_CROP_RATIO = 224 / 256
+
+
+class CorruptImageError(ValueError):
+    """A source image that PIL cannot fully decode."""
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+
+def _list_image_folder(image_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes sorted by name and (path, label) pairs, as torchvision's ImageFolder."""
+    if not image_dir.is_dir():
+        raise ValueError(f"image folder not found: {image_dir}")
+    classes = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"no class folders in {image_dir} (expected {image_dir}/<class>/<image>)")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (image_dir / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        if not files:
+            raise ValueError(f"class folder without images: {image_dir / name}")
+        samples += [(p, label) for p in files]
+    return classes, samples
+
+
+def _decode_error(path: Path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB").load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... depending on the damage
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class _ImageList:
+    """Indexable (RGB uint8 array, label) dataset for ffcv's DatasetWriter."""
+
+    def __init__(self, samples: list[tuple[Path, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB")), label
+
+
+def write_beton(image_dir: Path, out_path: Path, max_resolution: int, jpeg_quality: int = 90,
+                on_corrupt: str = "fail", num_workers: int = 2) -> dict:
+    """Convert an ImageFolder to a .beton with fields image (jpg, longest side <= max_resolution), label.
+
+    Every file is decoded once beforehand: ffcv's writer processes hang on an undecodable image, and the
+    user needs the path. The file appears atomically (temp file + os.replace).
+    """
+    if on_corrupt not in ("fail", "skip"):
+        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+    image_dir, out_path = Path(image_dir), Path(out_path)
+    classes, samples = _list_image_folder(image_dir)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:  # PIL decodes without the GIL
+        errors = list(pool.map(_decode_error, [p for p, _ in samples]))
+    bad = [(str(p), e) for (p, _), e in zip(samples, errors, strict=True) if e is not None]
+    if bad and on_corrupt == "fail":
+        raise CorruptImageError(f"cannot decode {bad[0][0]} ({bad[0][1]})"
+                                + (f" and {len(bad) - 1} other file(s)" if len(bad) > 1 else ""))
+    samples = [s for s, e in zip(samples, errors, strict=True) if e is None]
+    if not samples:
+        raise ValueError(f"no decodable images in {image_dir}")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_resolution,
+                                     jpeg_quality=jpeg_quality),
+              "label": IntField()}
+    try:
+        DatasetWriter(str(tmp), fields, num_workers=max(1, num_workers)).from_indexed_dataset(
+            _ImageList(samples))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"images": len(samples), "classes": classes, "skipped": [p for p, _ in bad]}
+
+
+# ---- keyed random draws inside numba ---------------------------------------------------------------
+
+
+@intrinsic
+def _load_int64(typingctx, address):
+    """Read the int64 at a raw address (for the epoch, which numba cannot take from a closure)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
+        return builder.load(ptr)
+    return types.int64(types.intp), codegen
+
+
+@njit
+def mix64_nb(z: np.uint64) -> np.uint64:
+    """splitmix64 finaliser, same bits as augment.mix64 / mix64_int."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit
+def uniform_nb(key: np.uint64, stream: int) -> float:
+    """U[0, 1) from hash(key, stream), same as augment.uniform."""
+    return float(mix64_nb(key + np.uint64(stream)) >> np.uint64(11)) * 2.0**-53
+
+
+@njit
+def keyed_random_crop(height: int, width: int, scale: np.ndarray, ratio: np.ndarray, key: np.uint64
+                      ) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (10 tries, then a centre crop), draws from the key."""
+    area = height * width
+    log_r0, log_r1 = np.log(ratio[0]), np.log(ratio[1])
+    for attempt in range(10):
+        s = CROP_STREAM + 4 * attempt
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform_nb(key, s))
+        aspect = np.exp(log_r0 + (log_r1 - log_r0) * uniform_nb(key, s + 1))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(uniform_nb(key, s + 2) * (height - h + 1))
+            j = int(uniform_nb(key, s + 3) * (width - w + 1))
+            return i, j, h, w
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(height * ratio[1]))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class KeyedRandomResizedCrop(ResizedCropRGBImageDecoder):
+    """RandomResizedCrop decoder whose crop is hash(seed, epoch, view, sample index), not np.random.
+
+    `epoch` is a one-element int64 array owned by the loader; the compiled decoder reads it by address.
+    """
+
+    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float], seed: int, view: int,
+                 epoch: np.ndarray, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        super().__init__(output_size)
+        self.scale, self.ratio = np.array(scale), np.array(ratio)
+        self.seed, self.view, self.epoch = seed, view, epoch
+
+    @property
+    def get_crop_generator(self):
+        return keyed_random_crop
+
+    def generate_code(self):
+        mem_read, loop = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        crop, scale, ratio, jpg = self.get_crop_generator, self.scale, self.ratio, IMAGE_MODES["jpg"]
+        seed_key, view = np.uint64(mix64_int(self.seed)), np.uint64(self.view)
+        epoch_address = self.epoch.ctypes.data
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            epoch = np.uint64(_load_int64(epoch_address))
+            view_key = mix64_nb(mix64_nb(seed_key + epoch) + view)  # = augment.view_key(seed, epoch, view)
+            for dst_ix in loop(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = int(field["height"]), int(field["width"])
+                if field["mode"] == jpg:
+                    image = temp_storage[dst_ix][: height * width * 3].reshape(height, width, 3)
+                    imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                else:
+                    image = data.reshape(height, width, 3)
+                i, j, h, w = crop(height, width, scale, ratio, mix64_nb(view_key + np.uint64(source_ix)))
+                resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class BatchTransform(Operation):
+    """Runs fn(uint8 images [B, H, W, 3], dataset indices [B], epoch) -> float32 [B, 3, H, W] in ffcv's
+    loading thread, so the torch-side augmentation is prefetched like the decoding."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], epoch: np.ndarray):
+        super().__init__()
+        self.fn, self.epoch = fn, epoch
+
+    def generate_code(self):
+        fn, epoch = self.fn, self.epoch
+
+        def transform(images, _, batch_indices):
+            return fn(images, torch.from_numpy(batch_indices.astype(np.int64)), int(epoch[0]))
+
+        transform.with_indices = True
+        return transform
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        H, W, C = previous_state.shape
+        return replace(previous_state, jit_mode=False, shape=(C, H, W), dtype=torch.float32), None
+
+
+# ---- loaders ------------------------------------------------------------------------------------------
+
+
+def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
+                 distributed: bool, drop_last: bool, views: dict[str, tuple[Operation, Callable]],
+                 epoch: np.ndarray) -> Loader:
+    """One ffcv Loader with each named view = (decoder of field 'image', batch transform), and 'label'."""
+    pipelines = {name: PipelineSpec("image", decoder=dec, transforms=[ToTensor(), BatchTransform(fn, epoch)])
+                 for name, (dec, fn) in views.items()}
+    pipelines.setdefault("image", None)  # no undecoded default pipeline for the field itself
+    pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
+    order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
+    return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
+                  distributed=distributed, drop_last=drop_last, pipelines=pipelines)
+
+
+def _epoch_batches(loader: Loader, epoch_array: np.ndarray, epoch: int) -> Iterator[dict[str, Tensor]]:
+    """One epoch of named batches; waits for ffcv's prefetch thread if the consumer leaves early."""
+    epoch_array[0] = epoch
+    loader.next_epoch = epoch  # ffcv's RANDOM order of this epoch: permutation seeded by seed + epoch
+    it = iter(loader)
+    try:
+        for batch in it:
+            yield dict(zip(loader.pipeline_specs, batch, strict=True))
+    finally:
+        it.close()
+        it.join()  # nothing of this epoch may still run once the next one has set its epoch
+
+
+class TwoViewLoader:
+    """Two independently augmented MoCo v2 aug+ views of each image, one epoch per iteration.
+
+    Iterating twice without set_epoch repeats the same epoch (like DistributedSampler).
+    """
+
+    def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
+                 distributed: bool = False, drop_last: bool = True):
+        self.epoch, self._epoch_array = 0, np.zeros(1, dtype=np.int64)
+        views = {f"view{v}": (KeyedRandomResizedCrop((res, res), aug.crop_scale, seed, v, self._epoch_array),
+                              MocoV2Augment(aug, seed, v)) for v in (0, 1)}
+        self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, views,
+                                   self._epoch_array)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for b in _epoch_batches(self.loader, self._epoch_array, self.epoch):
+            yield b["view0"], b["view1"], b["label"].view(-1)  # [B, 3, res, res] x2, [B]
+
+
+class EvalLoader:
+    """One view per image: RandomResizedCrop(0.08-1) + flip for linear-eval training (main_lincls.py), else
+    a 224/256 centre crop in dataset order keeping every image (features, kNN, validation)."""
+
+    def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
+                 seed: int = 0, distributed: bool = False):
+        self.epoch, self._epoch_array = 0, np.zeros(1, dtype=np.int64)
+        if train_aug:
+            decoder = KeyedRandomResizedCrop((res, res), (0.08, 1.0), seed, 0, self._epoch_array)
+        else:
+            decoder = CenterCropRGBImageDecoder((res, res), EVAL_CROP_RATIO)
+
+        def transform(images: Tensor, index: Tensor, epoch: int) -> Tensor:
+            x = to_float(images)  # [B, 3, res, res]
+            if train_aug:
+                flip = uniform(sample_keys(seed, epoch, 0, index), FLIP) < 0.5  # [B]
+                x = apply_where(x, flip, hflip)  # [B, 3, res, res]
+            return normalize(x)
+
+        self.loader = _ffcv_loader(beton, batch_size, num_workers, train_aug, seed, distributed,
+                                   drop_last=train_aug, views={"image": (decoder, transform)},
+                                   epoch=self._epoch_array)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for b in _epoch_batches(self.loader, self._epoch_array, self.epoch):
+            yield b["image"], b["label"].view(-1)  # [B, 3, res, res], [B]

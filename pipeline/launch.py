@@ -1,0 +1,204 @@
+"""Run a stage's work here (local) or as a SLURM job through submitit, and DDP set-up inside the job.
+
+A DVC stage calls `run(p, name, fn, *args)`: it blocks until the work ends, streams rank 0's log,
+records the job id in logs/slurm/<name>/job.json, re-attaches to that job if `dvc repro` was killed
+while it ran, and turns a failed or cancelled job into an error with the id, the state and the tail of
+its error log. Inside the job, `init_distributed()` derives rank, world size and the rendezvous from
+the SLURM environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import submitit
+import torch
+import torch.distributed as dist
+from submitit.slurm.slurm import SlurmJobEnvironment
+
+from pipeline.config import Params
+
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
+
+
+class JobFailed(RuntimeError):
+    """A SLURM job of a stage did not complete: the message has its id, state and error-log tail."""
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process; sets up the process group in a multi-task SLURM job.
+
+    The rendezvous is the first node of the job on a port derived from the job id, so concurrent jobs on
+    one node do not collide. NCCL on GPUs, gloo on CPU."""
+    if "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) == 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, device
+    env = submitit.JobEnvironment()
+    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 20000))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        device, backend = torch.device("cuda", env.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=env.global_rank, world_size=env.num_tasks)
+    return env.global_rank, env.num_tasks, device
+
+
+class PreemptionFlag:
+    """Turns SLURM's preemption / time-limit signal into a flag the training loop checks between steps.
+
+    submitit's own handler would requeue at once, wherever the loop is; instead the loop finishes its
+    step, writes a checkpoint, then calls `requeue()`, which hands over to submitit's handler."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._submitit_handler = None
+        if "SLURM_JOB_ID" in os.environ:
+            sig = getattr(signal, f"SIG{SlurmJobEnvironment.USR_SIG}")  # USR2 unless SUBMITIT_PREEMPT_SIGNAL
+            self._submitit_handler = signal.getsignal(sig)
+            signal.signal(sig, self._set)
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def is_set(self) -> bool:
+        """True on every rank if any rank was signalled."""
+        flag = torch.tensor([int(self.signum is not None)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def requeue(self) -> None:
+        """Hand over to submitit: rank 0 requeues the job and exits; other ranks wait to be stopped."""
+        if callable(self._submitit_handler):
+            self._submitit_handler(self.signum or signal.SIGUSR2, None)
+        while True:  # non-zero ranks: SLURM ends the step when the job is requeued
+            time.sleep(1)
+
+
+class _Task(submitit.helpers.Checkpointable):
+    """The submitted callable; checkpointable so that a timed-out job is requeued too (the work itself
+    resumes from the stage's own checkpoint)."""
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.fn, self.args = fn, args
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
+
+
+def _executor(p: Params, folder: Path) -> submitit.SlurmExecutor:
+    lp = p.launch
+    ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=lp.max_requeues)
+    extra = dict(lp.extra_sbatch)
+    for key in ("account", "qos", "constraint"):
+        if getattr(lp, key):
+            extra[key] = getattr(lp, key)
+    ex.update_parameters(
+        partition=lp.partition or None, nodes=lp.nodes, ntasks_per_node=lp.tasks_per_node,
+        cpus_per_task=lp.cpus_per_task, gpus_per_node=lp.gpus_per_node or None, mem=f"{lp.mem_gb}GB",
+        time=lp.timeout_min, signal_delay_s=lp.signal_delay_s, job_name=folder.name,
+        additional_parameters=extra,
+    )
+    return ex
+
+
+def _state(job_id: str) -> str:
+    """The job's state from the scheduler (squeue while active, else accounting)."""
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        return r.stdout.split()[0]
+    r = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+    return r.stdout.split()[0].split()[0] if r.stdout.strip() else "UNKNOWN"
+
+
+def usage(job_id: str) -> dict:
+    """Elapsed hours and GPU-hours of a finished job, from SLURM accounting."""
+    r = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "ElapsedRaw,AllocTRES"],
+                       capture_output=True, text=True)
+    seconds, gpus = 0, 0
+    for line in r.stdout.strip().splitlines():
+        elapsed, tres = (line.split("|") + [""])[:2]
+        seconds = max(seconds, int(elapsed or 0))
+        m = re.search(r"gres/gpu=(\d+)", tres)
+        gpus = max(gpus, int(m.group(1)) if m else 0)
+    return {"hours": round(seconds / 3600, 4), "gpu_hours": round(seconds * gpus / 3600, 4)}
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def _wait(job: submitit.Job, poll_s: float) -> None:
+    """Block until the job ends, printing rank 0's new log lines and each state change."""
+    stdout, seen, last_state = Path(job.paths.stdout), 0, None
+    while True:
+        state = _state(job.job_id)
+        if state != last_state:
+            print(f"launch: job {job.job_id} {state}", flush=True)
+            last_state = state
+        if stdout.exists():
+            text = stdout.read_text(errors="replace")
+            if len(text) > seen:
+                sys.stdout.write(text[seen:])
+                sys.stdout.flush()
+                seen = len(text)
+        if state not in ACTIVE:
+            return
+        time.sleep(poll_s)
+
+
+def run(p: Params, name: str, fn: Callable, *args: Any, identity: str = "", poll_s: float = 3.0) -> tuple[Any, dict]:
+    """fn(*args) in this process (launch.executor local) or as a SLURM job; returns (result, job info).
+
+    identity: what makes a recorded job the same work (a params hash): only such a job is re-attached."""
+    if p.launch.executor == "local":
+        t0 = time.time()
+        return fn(*args), {"executor": "local", "hours": round((time.time() - t0) / 3600, 4), "gpu_hours": 0.0}
+
+    folder = Path("logs/slurm") / name
+    record = folder / "job.json"
+    job = None
+    if record.is_file():
+        old = json.loads(record.read_text())
+        state = _state(old["job_id"])
+        if old.get("identity") == identity and (state in ACTIVE or state == "COMPLETED"):
+            print(f"launch: re-attaching to job {old['job_id']} ({state}) recorded in {record}", flush=True)
+            job = submitit.SlurmJob(folder=str(folder), job_id=old["job_id"], tasks=tuple(range(old["tasks"])))
+    if job is None:
+        ex = _executor(p, folder)
+        try:
+            job = ex.submit(_Task(fn, args))
+        except subprocess.CalledProcessError as e:
+            msg = (e.output or b"").decode(errors="replace").strip() if isinstance(e.output, bytes) else str(e.output)
+            raise JobFailed(f"{name}: sbatch refused the job: {msg or e}") from None
+        except Exception as e:  # submitit wraps sbatch errors in its own exception types
+            raise JobFailed(f"{name}: sbatch refused the job: {e}") from None
+        tasks = p.launch.nodes * p.launch.tasks_per_node
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"job_id": job.job_id, "identity": identity, "tasks": tasks}) + "\n")
+        print(f"launch: submitted job {job.job_id} ({tasks} task(s)); logs in {folder}", flush=True)
+
+    _wait(job, poll_s)
+    state = _state(job.job_id)
+    try:
+        results = job.results()
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JobFailed(f"{name}: job {job.job_id} ended {state}: {reason}\n"
+                        f"--- tail of {job.paths.stderr} ---\n{_tail(Path(job.paths.stderr))}") from None
+    return results[0], {"executor": "slurm", "job_id": job.job_id, "state": state, **usage(job.job_id)}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Starts the one-node test cluster as root without systemd: munged, MariaDB (socket only), slurmdbd,
+# slurmctld and slurmd, all with their state, logs and keys under $HNCL_SLURM_DIR (/tmp/hncl-slurm).
+# Idempotent: returns at once when the cluster is already up. Clients need SLURM_CONF (printed).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+source "$HERE/common.sh"
+TIMEOUT=${HNCL_SLURM_TIMEOUT:-60}
+t0=$SECONDS
+
+fail() {
+  echo "hncl-slurm: $1" >&2
+  local f
+  for f in "$D"/log/{slurmctld,slurmd,slurmdbd,mariadb-install,mariadb,munged}.log; do
+    [ -s "$f" ] && { echo "----- $f (last 25 lines)" >&2; tail -n 25 "$f" >&2; }
+  done
+  [ -n "${locked:-}" ] && HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null  # no half-up cluster left
+  exit 1
+}
+
+# wait_for WHAT CMD...: poll CMD until it succeeds; fail with the logs after TIMEOUT seconds, or at once
+# when a daemon started so far has written its pid file and died.
+wait_for() {
+  local what=$1 name
+  shift
+  until "$@" >/dev/null 2>&1; do
+    for name in "${DAEMONS[@]}"; do
+      [ -s "$D/run/$name.pid" ] && ! alive "$name" && fail "$name exited while waiting for $what"
+    done
+    ((SECONDS - t0 < TIMEOUT)) || fail "timed out after ${TIMEOUT}s waiting for $what"
+    sleep 0.2
+  done
+}
+
+[ "$(id -u)" = 0 ] || fail "start.sh must run as root (the daemons run as root)"
+export PATH=$PATH:/usr/sbin:/sbin
+for b in munged mariadbd mariadb-install-db slurmdbd slurmctld slurmd sbatch sacctmgr; do
+  command -v "$b" >/dev/null || fail "$b not found: run slurm/local-cluster/install.sh"
+done
+
+mkdir -p "$D"
+exec 9>"$D/.lock"  # the daemons are started with 9>&- so that they do not hold the lock
+flock -w 120 9 || fail "another start.sh or stop.sh holds $D/.lock"
+locked=1
+if healthy; then
+  summary "already running"
+  exit 0
+fi
+HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null  # a half-up cluster: clear it before starting again
+
+mkdir -p "$D"/{etc,run,log,munge,mysql,spool/ctld,spool/d}
+for f in "$D"/log/*.log; do mv -f "$f" "$f.prev"; done  # so that a failure shows this start's logs only
+chmod 755 "$D" "$D/munge"
+cpus=$(nproc)
+((cpus >= 4)) || cpus=4
+mem=$(($(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) / 2))
+((mem <= 8192)) || mem=8192
+render() {
+  sed -e "s|@DIR@|$D|g" -e "s|@HOST@|$HOST|g" -e "s|@CPUS@|$cpus|g" -e "s|@MEM@|$mem|g" "$1" >"$2"
+}
+render "$HERE/slurm.conf.in" "$D/etc/slurm.conf"
+render "$HERE/slurmdbd.conf.in" "$D/etc/slurmdbd.conf"
+chmod 600 "$D/etc/slurmdbd.conf"
+: >"$D/etc/plugstack.conf"
+
+# munge: a private key and socket, so the cluster never depends on the system's munged.
+if [ ! -s "$D/munge/munge.key" ]; then
+  dd if=/dev/urandom of="$D/munge/munge.key" bs=1024 count=1 status=none
+  chmod 400 "$D/munge/munge.key"
+fi
+munged --key-file="$D/munge/munge.key" --socket="$D/munge/munge.socket.2" \
+  --pid-file="$D/run/munged.pid" --seed-file="$D/munge/munged.seed" --log-file="$D/log/munged.log" 9>&- \
+  || fail "munged did not start"
+wait_for "munged" alive munged
+
+# MariaDB for slurmdbd: no TCP port, root authenticates through the socket.
+if [ ! -d "$D/mysql/data/mysql" ]; then
+  mariadb-install-db --no-defaults --datadir="$D/mysql/data" --user=root --skip-test-db \
+    --auth-root-authentication-method=socket >"$D/log/mariadb-install.log" 2>&1 \
+    || fail "mariadb-install-db failed (see $D/log/mariadb-install.log)"
+fi
+setsid mariadbd --no-defaults --datadir="$D/mysql/data" --socket="$MYSQL_UNIX_PORT" \
+  --pid-file="$D/run/mariadbd.pid" --log-error="$D/log/mariadb.log" --user=root --skip-networking \
+  --innodb-lock-wait-timeout=900 </dev/null >/dev/null 2>&1 9>&- &
+wait_for "mariadbd" mariadb-admin --no-defaults --socket="$MYSQL_UNIX_PORT" -u root --silent ping
+
+slurmdbd 9>&- || fail "slurmdbd did not start"
+wait_for "slurmdbd" timeout 5 sacctmgr -n -P show cluster format=cluster
+if ! sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; then
+  sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  sacctmgr -i add account default Cluster="$CLUSTER" Description=tests Organization=hncl >/dev/null
+  sacctmgr -i add user root Account=default Cluster="$CLUSTER" >/dev/null
+fi
+
+slurmctld -i 9>&- || fail "slurmctld did not start"
+slurmd -N "$HOST" 9>&- || fail "slurmd did not start"
+node_up() {
+  local state
+  state=$(node_state)
+  case "$state" in
+    idle | mixed | allocated | completing) return 0 ;;
+    down | drained | draining) scontrol update NodeName="$HOST" State=RESUME 2>/dev/null ;;
+  esac
+  return 1
+}
+wait_for "node $HOST to be idle (sinfo)" node_up
+wait_for "sacct" timeout 5 sacct -n -X -S now-1minutes
+summary "started in $((SECONDS - t0))s"
