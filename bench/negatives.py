@@ -103,7 +103,8 @@ def main() -> None:
 
     base = "MoCo v2 (InfoNCE)"
     where = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"B={B} K={K} D={D} on {where}, torch {torch.__version__}; median of {repeats} after {warmup} warm-up")
+    print(f"B={B} K={K} D={D} on {where}, torch {torch.__version__}; "
+          f"median of {repeats} after {warmup} warm-up")
     print("| method | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in METHODS:

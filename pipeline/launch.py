@@ -101,7 +101,7 @@ class _Task(submitit.helpers.Checkpointable):
 def _executor(p: Params, folder: Path) -> submitit.SlurmExecutor:
     lp = p.launch
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=lp.max_requeues)
-    extra = dict(lp.extra_sbatch)
+    extra = {"open_mode": "append"} | dict(lp.extra_sbatch)  # a requeued attempt appends to the same log
     for key in ("account", "qos", "constraint"):
         if getattr(lp, key):
             extra[key] = getattr(lp, key)
@@ -153,6 +153,7 @@ def _wait(job: submitit.Job, poll_s: float) -> None:
             last_state = state
         if stdout.exists():
             text = stdout.read_text(errors="replace")
+            seen = 0 if len(text) < seen else seen  # the log was restarted
             if len(text) > seen:
                 sys.stdout.write(text[seen:])
                 sys.stdout.flush()

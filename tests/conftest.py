@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the real one-node SLURM cluster)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # the smallest study that still exercises every stage for real
@@ -39,7 +41,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 @pytest.fixture
 def project(tmp_path: Path):
     """A git + DVC project in tmp_path with this repo's code and tiny params. Returns (path, set_params)."""
-    for name in ("pipeline", "stages", "dvc.yaml", "params.yaml"):
+    (tmp_path / "slurm").mkdir()
+    for name in ("pipeline", "stages", "slurm/profiles", "dvc.yaml", "params.yaml"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))

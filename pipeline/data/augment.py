@@ -138,9 +138,9 @@ def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
     r, g, b = x.unbind(1)  # [B, H, W] each
     maxc = x.amax(dim=1)  # [B, H, W] = V
     chroma = maxc - x.amin(dim=1)  # [B, H, W] = C
-    is_r = r == maxc  # [B, H, W]; ties pick r, then g, as torchvision
-    is_g = (g == maxc) & ~is_r  # [B, H, W]
-    is_b = ~(is_r | is_g)  # [B, H, W]
+    is_r = (r == maxc).to(x.dtype)  # [B, H, W]; ties pick r, then g, as torchvision (float: bool math is slow)
+    is_g = (g == maxc).to(x.dtype) * (1.0 - is_r)  # [B, H, W]
+    is_b = 1.0 - is_r - is_g  # [B, H, W]
     hc = (g - b) * is_r + (b - r + 2 * chroma) * is_g + (r - g + 4 * chroma) * is_b  # [B, H, W] = 6 H C
     turns = hc.div_(chroma.clamp_min(1e-12).mul_(6.0)).add_(f.view(-1, 1, 1).to(x.dtype))  # [B, H, W] H + f
     n = torch.tensor([17 / 6, 15 / 6, 13 / 6], dtype=x.dtype, device=x.device)  # (n + 12) / 6 keeps k > 0

@@ -232,24 +232,38 @@ class KeyedRandomResizedCrop(ResizedCropRGBImageDecoder):
 
 class BatchTransform(Operation):
     """Runs fn(uint8 images [B, H, W, 3], dataset indices [B], epoch) -> float32 [B, 3, H, W] in ffcv's
-    loading thread, so the torch-side augmentation is prefetched like the decoding."""
+    loading thread, so the torch-side augmentation is prefetched like the decoding.
 
-    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], epoch: np.ndarray):
+    On the CPU it runs with one torch thread: the ops are small and an OpenMP team next to numba's decoder
+    threads spin-waits (5-10x slower on 2 shared cores, measured). On a GPU the uint8 crops are copied
+    there first (ffcv runs each batch on its own CUDA stream).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], epoch: np.ndarray, device: torch.device):
         super().__init__()
-        self.fn, self.epoch = fn, epoch
+        self.fn, self.epoch, self.device = fn, epoch, device
 
     def generate_code(self):
-        fn, epoch = self.fn, self.epoch
+        fn, epoch, device = self.fn, self.epoch, self.device
 
         def transform(images, _, batch_indices):
-            return fn(images, torch.from_numpy(batch_indices.astype(np.int64)), int(epoch[0]))
+            index = torch.from_numpy(batch_indices.astype(np.int64))  # [B]
+            if device.type != "cpu":
+                return fn(images.to(device, non_blocking=True), index.to(device), int(epoch[0]))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(images, index, int(epoch[0]))
+            finally:
+                torch.set_num_threads(threads)
 
         transform.with_indices = True
         return transform
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
         H, W, C = previous_state.shape
-        return replace(previous_state, jit_mode=False, shape=(C, H, W), dtype=torch.float32), None
+        return replace(previous_state, jit_mode=False, shape=(C, H, W), dtype=torch.float32,
+                       device=self.device), None
 
 
 # ---- loaders ------------------------------------------------------------------------------------------
@@ -257,9 +271,11 @@ class BatchTransform(Operation):
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
                  distributed: bool, drop_last: bool, views: dict[str, tuple[Operation, Callable]],
-                 epoch: np.ndarray) -> Loader:
+                 epoch: np.ndarray, device: str | torch.device) -> Loader:
     """One ffcv Loader with each named view = (decoder of field 'image', batch transform), and 'label'."""
-    pipelines = {name: PipelineSpec("image", decoder=dec, transforms=[ToTensor(), BatchTransform(fn, epoch)])
+    device = torch.device(device)
+    pipelines = {name: PipelineSpec("image", decoder=dec,
+                                    transforms=[ToTensor(), BatchTransform(fn, epoch, device)])
                  for name, (dec, fn) in views.items()}
     pipelines.setdefault("image", None)  # no undecoded default pipeline for the field itself
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
@@ -288,12 +304,12 @@ class TwoViewLoader:
     """
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = True):
+                 distributed: bool = False, drop_last: bool = True, device: str | torch.device = "cpu"):
         self.epoch, self._epoch_array = 0, np.zeros(1, dtype=np.int64)
         views = {f"view{v}": (KeyedRandomResizedCrop((res, res), aug.crop_scale, seed, v, self._epoch_array),
                               MocoV2Augment(aug, seed, v)) for v in (0, 1)}
         self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, views,
-                                   self._epoch_array)
+                                   self._epoch_array, device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -311,7 +327,7 @@ class EvalLoader:
     a 224/256 centre crop in dataset order keeping every image (features, kNN, validation)."""
 
     def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
-                 seed: int = 0, distributed: bool = False):
+                 seed: int = 0, distributed: bool = False, device: str | torch.device = "cpu"):
         self.epoch, self._epoch_array = 0, np.zeros(1, dtype=np.int64)
         if train_aug:
             decoder = KeyedRandomResizedCrop((res, res), (0.08, 1.0), seed, 0, self._epoch_array)
@@ -327,7 +343,7 @@ class EvalLoader:
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, train_aug, seed, distributed,
                                    drop_last=train_aug, views={"image": (decoder, transform)},
-                                   epoch=self._epoch_array)
+                                   epoch=self._epoch_array, device=device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

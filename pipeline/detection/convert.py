@@ -18,6 +18,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
 MOCO_PREFIX = "module.encoder_q."  # query encoder in an official MoCo checkpoint (DDP-wrapped)
+D2_META = {"__author__": "MOCO", "matching_heuristics": True}  # match names by suffix when loading
 
 
 def _d2_name(k: str) -> str:
@@ -57,8 +58,7 @@ def save_d2_weights(d2_weights: dict[str, torch.Tensor], path: str | Path) -> No
     path = Path(path)
     if path.suffix != ".pkl":
         raise ValueError(f"{path}: detectron2 reads a pickle only from a .pkl file")
-    obj = {"model": {k: v.numpy() for k, v in d2_weights.items()}, "__author__": "MOCO",
-           "matching_heuristics": True}
+    obj = {"model": {k: v.numpy() for k, v in d2_weights.items()}, **D2_META}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -77,7 +77,7 @@ def verify_conversion(d2_weights: dict[str, torch.Tensor], cfg: CfgNode) -> None
     checkpointer, and raise ValueError unless every backbone and res5 tensor was filled by exactly one
     converted tensor of the right shape (the head's extra norm is new and not counted)."""
     model = build_model(cfg)
-    checkpoint = {"model": dict(d2_weights), "__author__": "MOCO", "matching_heuristics": True}
+    checkpoint = {"model": dict(d2_weights), **D2_META}
     # _load_model is the checkpointer's documented hook that returns the incompatible-keys report
     report = DetectionCheckpointer(model)._load_model(checkpoint)
     pretrained = [k for k in model.state_dict() if k.startswith(("backbone.", "roi_heads.res5."))

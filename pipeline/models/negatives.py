@@ -35,10 +35,9 @@ def _hash32(x: Tensor) -> Tensor:
 
 
 class _Draws:
-    """U[0, 1) float32 draws [B, *shape], one independent stream per query.
-
-    From `generator` (or the global RNG) by default; keyed by (seed, query index, draw id) when
-    `query_index` is given, draw ids counting up across the calls of one synthesis.
+    """U[0, 1) float32 draws [B, *shape] for one synthesis: from `generator` (or the global RNG), or,
+    when `query_index` is given, hashed from (seed, query index, draw id) with draw ids counting up
+    across calls, so that a query's draws do not depend on the rest of the batch.
     """
 
     def __init__(self, q: Tensor, generator: torch.Generator | None, query_index: Tensor | None, seed: int):

@@ -3,6 +3,7 @@
 # slurmctld and slurmd, all with their state, logs and keys under $HNCL_SLURM_DIR (/tmp/hncl-slurm).
 # Idempotent: returns at once when the cluster is already up. Clients need SLURM_CONF (printed).
 set -euo pipefail
+shopt -s nullglob
 HERE=$(cd "$(dirname "$0")" && pwd)
 source "$HERE/common.sh"
 TIMEOUT=${HNCL_SLURM_TIMEOUT:-60}
@@ -38,30 +39,30 @@ for b in munged mariadbd mariadb-install-db slurmdbd slurmctld slurmd sbatch sac
   command -v "$b" >/dev/null || fail "$b not found: run slurm/local-cluster/install.sh"
 done
 
-mkdir -p "$D"
+mkdir -p "$D"/{etc,run,log,munge,mysql,spool/ctld,spool/d}
+chmod 755 "$D" "$D/munge"
 exec 9>"$D/.lock"  # the daemons are started with 9>&- so that they do not hold the lock
 flock -w 120 9 || fail "another start.sh or stop.sh holds $D/.lock"
 locked=1
-if healthy; then
+
+cpus=$(nproc)
+((cpus >= 4)) || cpus=4
+for conf in slurm.conf slurmdbd.conf; do
+  sed -e "s|@DIR@|$D|g" -e "s|@HOST@|$HOST|g" -e "s|@CPUS@|$cpus|g" "$HERE/$conf.in" >"$D/etc/$conf.new"
+done
+if healthy && cmp -s "$D/etc/slurm.conf.new" "$SLURM_CONF" \
+  && cmp -s "$D/etc/slurmdbd.conf.new" "$D/etc/slurmdbd.conf"; then
+  rm "$D"/etc/*.new
   summary "already running"
   exit 0
 fi
-HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null  # a half-up cluster: clear it before starting again
-
-mkdir -p "$D"/{etc,run,log,munge,mysql,spool/ctld,spool/d}
-for f in "$D"/log/*.log; do mv -f "$f" "$f.prev"; done  # so that a failure shows this start's logs only
-chmod 755 "$D" "$D/munge"
-cpus=$(nproc)
-((cpus >= 4)) || cpus=4
-mem=$(($(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) / 2))
-((mem <= 8192)) || mem=8192
-render() {
-  sed -e "s|@DIR@|$D|g" -e "s|@HOST@|$HOST|g" -e "s|@CPUS@|$cpus|g" -e "s|@MEM@|$mem|g" "$1" >"$2"
-}
-render "$HERE/slurm.conf.in" "$D/etc/slurm.conf"
-render "$HERE/slurmdbd.conf.in" "$D/etc/slurmdbd.conf"
+# half up, or up with an outdated config: stop it before starting again
+HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null
+mv "$D/etc/slurm.conf.new" "$SLURM_CONF"
+mv "$D/etc/slurmdbd.conf.new" "$D/etc/slurmdbd.conf"
 chmod 600 "$D/etc/slurmdbd.conf"
 : >"$D/etc/plugstack.conf"
+for f in "$D"/log/*.log; do mv -f "$f" "$f.prev"; done  # so that a failure shows this start's logs only
 
 # munge: a private key and socket, so the cluster never depends on the system's munged.
 if [ ! -s "$D/munge/munge.key" ]; then
@@ -86,8 +87,8 @@ wait_for "mariadbd" mariadb-admin --no-defaults --socket="$MYSQL_UNIX_PORT" -u r
 
 slurmdbd 9>&- || fail "slurmdbd did not start"
 wait_for "slurmdbd" timeout 5 sacctmgr -n -P show cluster format=cluster
-if ! sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER"; then
-  sacctmgr -i add cluster "$CLUSTER" >/dev/null
+sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+if ! sacctmgr -n -P show account default format=account | grep -qx default; then
   sacctmgr -i add account default Cluster="$CLUSTER" Description=tests Organization=hncl >/dev/null
   sacctmgr -i add user root Account=default Cluster="$CLUSTER" >/dev/null
 fi

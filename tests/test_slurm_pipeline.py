@@ -1,0 +1,112 @@
+"""The pretrain stage as SLURM jobs on the real one-node cluster (no mocks): 2-task DDP, preemption and
+requeue, re-attaching after a killed `dvc repro`, cancelled jobs and bad settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run
+
+SLURM = {"launch": {"executor": "slurm", "profile": "local-test"}}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def start_repro(path: Path, *stages: str) -> subprocess.Popen:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(path))
+    return subprocess.Popen(["dvc", "repro", *stages], cwd=path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def job_id(path: Path) -> str:
+    return json.loads((path / "logs/slurm/pretrain/job.json").read_text())["job_id"]
+
+
+def test_dvc_repro_runs_two_task_ddp_pretraining_on_slurm(project, slurm_cluster):
+    path, set_params = project
+    set_params(SLURM)
+    run(["dvc", "repro", "pretrain"], path, timeout=600)
+    metrics = json.loads((path / "metrics/pretrain.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["job"]["executor"] == "slurm" and metrics["job"]["state"] == "COMPLETED"
+    assert metrics["job"]["job_id"] == job_id(path)
+    assert metrics["steps"] == 2 * (3 * 16 // 16)  # global batch 2 x 8: 3 steps per epoch
+    ckpt = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)
+    assert ckpt["arch"] == "resnet18" and ckpt["step"] == metrics["steps"]
+
+
+def test_preempted_job_saves_mid_epoch_and_resumes_from_that_step(project, slurm_cluster):
+    path, set_params = project
+    set_params(SLURM | {"pretrain": {"epochs": 6}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    proc = start_repro(path, "pretrain")
+    log = path / "logs/slurm/pretrain"
+    wait_for(lambda: (log / "job.json").exists(), 60, "the job record")
+    jid = job_id(path)
+    wait_for(lambda: "pretrain: epoch 1/6" in "".join(p.read_text() for p in log.glob(f"{jid}_0_log.out")),
+             300, "the first epoch")
+    subprocess.check_call(["scancel", jid, "--signal", "USR2"])  # what SLURM sends before preemption
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    saved = [line for line in out.splitlines() if "preempted; saved" in line]
+    assert saved, out
+    step = saved[0].split("(step ")[1].split(")")[0]
+    resumed = [line for line in out.splitlines() if "resuming" in line]
+    assert resumed and resumed[0].endswith(f"(step {step})"), out  # the requeued attempt starts at the saved step
+    metrics = json.loads((path / "metrics/pretrain.json").read_text())
+    assert metrics["steps"] == 6 * 3 and metrics["job"]["job_id"] == jid  # same job, requeued
+
+
+def test_killed_dvc_repro_reattaches_to_the_running_job(project, slurm_cluster):
+    path, set_params = project
+    set_params(SLURM | {"pretrain": {"epochs": 3}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    proc = start_repro(path, "pretrain")
+    wait_for(lambda: (path / "logs/slurm/pretrain/job.json").exists(), 60, "the job record")
+    jid = job_id(path)
+    os.killpg(proc.pid, signal.SIGKILL)  # the terminal dies; the job keeps running
+    proc.wait()
+    (path / ".dvc/tmp/rwlock").unlink(missing_ok=True)
+    out = run(["dvc", "repro", "pretrain"], path, timeout=600).stdout
+    assert f"re-attaching to job {jid}" in out
+    assert "submitted job" not in out
+    assert json.loads((path / "metrics/pretrain.json").read_text())["job"]["job_id"] == jid
+
+
+def test_cancelled_job_fails_the_stage_with_id_and_state(project, slurm_cluster):
+    path, set_params = project
+    set_params(SLURM | {"pretrain": {"epochs": 20}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    proc = start_repro(path, "pretrain")
+    wait_for(lambda: (path / "logs/slurm/pretrain/job.json").exists(), 60, "the job record")
+    jid = job_id(path)
+    subprocess.check_call(["scancel", jid])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"job {jid} ended CANCELLED" in out, out
+
+
+@pytest.mark.parametrize("setting, message", [({"partition": "nope"}, "invalid partition")])
+def test_bad_slurm_setting_fails_fast_with_slurms_message(project, slurm_cluster, setting, message):
+    path, set_params = project
+    set_params({"launch": SLURM["launch"] | setting})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    t0 = time.time()
+    r = run(["dvc", "repro", "pretrain"], path, check=False, timeout=120)
+    assert r.returncode != 0
+    assert "sbatch refused the job" in r.stderr and message in r.stderr.lower(), r.stderr
+    assert time.time() - t0 < 60
