@@ -3,8 +3,9 @@
 SHELL := /bin/bash
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup run test lint bench clean-outputs
+.PHONY: setup run test lint bench
 
 setup:
 	@bash tools/setup.sh
@@ -13,6 +14,7 @@ run: setup
 	dvc repro
 
 test: setup
+	@bash slurm/local-cluster/install.sh
 	ruff check pipeline stages tests bench
 	python -m pytest -q tests
 
@@ -20,4 +22,5 @@ lint: setup
 	ruff check pipeline stages tests bench
 
 bench: setup
-	python bench/loader.py
+	python -m bench.loader
+	python -m bench.negatives

@@ -95,7 +95,7 @@ class PretrainParams:
     lr_steps: list = _f([0.6, 0.8])  # fractions of training at which "step" multiplies lr by 0.1
     res: int = _f(64, min=8)
     dim: int = _f(128, min=1)  # feature dimension of the projection head
-    queue_size: int = _f(4096, min=1)  # K
+    queue_size: int = _f(1024, min=1)  # K
     key_momentum: float = _f(0.99, min=0, max=1)  # m
     temperature: float = _f(0.2, min_exclusive=0)  # T
     mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head

@@ -1,13 +1,16 @@
 """Shared fixtures: a scratch copy of the project with tiny params, where the real stages and DVC run."""
 
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the real one-node SLURM cluster)
 
@@ -59,3 +62,22 @@ def project(tmp_path: Path):
     run(["git", "add", "-A"], tmp_path)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "tiny study"], tmp_path)
     return tmp_path, set_params
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path: Path) -> Path:
+    """tmp_path/{train,val}/<class>/<i>.jpg: classes ant, bee, cat with 4 + 2 JPEGs of 48x40 each. Every
+    image has its own colour (a 3x3x3 grid, >= 90 apart) plus a faint ramp, so it stays identifiable after
+    crops and flips."""
+    levels = (40, 130, 220)
+    colours = list(itertools.product(levels, levels, levels))
+    ramp = np.linspace(-10, 10, 48)[None, :, None] + np.linspace(-5, 5, 40)[:, None, None]  # [40, 48, 1]
+    k = 0
+    for split, per_class in (("train", 4), ("val", 2)):
+        for name in ("ant", "bee", "cat"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (np.array(colours[k], dtype=np.float64) + ramp).round().astype(np.uint8)  # [40, 48, 3]
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.jpg", quality=95)
+                k += 1
+    return tmp_path

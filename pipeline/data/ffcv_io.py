@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, ResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
@@ -49,7 +49,8 @@ from pipeline.data.augment import (
 )
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-EVAL_CROP_RATIO = 224 / 256
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratio range
+EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter side
 
 
 class CorruptImageError(ValueError):
@@ -185,25 +186,36 @@ def keyed_random_crop(height: int, width: int, scale: np.ndarray, ratio: np.ndar
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class KeyedRandomResizedCrop(ResizedCropRGBImageDecoder):
-    """RandomResizedCrop decoder whose crop is hash(seed, epoch, view, sample index), not np.random.
+@njit
+def center_crop(height: int, width: int, scale: np.ndarray, ratio: np.ndarray, key: np.uint64
+                ) -> tuple[int, int, int, int]:
+    """The evaluation crop: centred square of side ratio[0] * shorter side (scale and key unused)."""
+    c = int(ratio[0] * min(height, width))
+    return (height - c) // 2, (width - c) // 2, c, c
+
+
+_imdecode, _resize_crop = Compiler.compile(imdecode), Compiler.compile(resize_crop)  # compiled once
+
+
+class KeyedResizedCrop(ResizedCropRGBImageDecoder):
+    """Decode, crop, resize; the crop function gets key = hash(seed, epoch, view, sample index), so the
+    crop does not depend on np.random or on the worker that decodes it.
 
     `epoch` is a one-element int64 array owned by the loader; the compiled decoder reads it by address.
     """
 
-    def __init__(self, output_size: tuple[int, int], scale: tuple[float, float], seed: int, view: int,
-                 epoch: np.ndarray, ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(self, output_size: tuple[int, int], crop: Callable, scale: tuple[float, float],
+                 ratio: tuple[float, float], seed: int, view: int, epoch: np.ndarray):
         super().__init__(output_size)
-        self.scale, self.ratio = np.array(scale), np.array(ratio)
+        self.crop, self.scale, self.ratio = crop, np.array(scale), np.array(ratio)
         self.seed, self.view, self.epoch = seed, view, epoch
 
     @property
     def get_crop_generator(self):
-        return keyed_random_crop
+        return self.crop
 
     def generate_code(self):
         mem_read, loop = self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         crop, scale, ratio, jpg = self.get_crop_generator, self.scale, self.ratio, IMAGE_MODES["jpg"]
         seed_key, view = np.uint64(mix64_int(self.seed)), np.uint64(self.view)
         epoch_address = self.epoch.ctypes.data
@@ -219,15 +231,24 @@ class KeyedRandomResizedCrop(ResizedCropRGBImageDecoder):
                 height, width = int(field["height"]), int(field["width"])
                 if field["mode"] == jpg:
                     image = temp_storage[dst_ix][: height * width * 3].reshape(height, width, 3)
-                    imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    _imdecode(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
                 else:
                     image = data.reshape(height, width, 3)
                 i, j, h, w = crop(height, width, scale, ratio, mix64_nb(view_key + np.uint64(source_ix)))
-                resize_crop_c(image, i, i + h, j, j + w, destination[dst_ix])
+                _resize_crop(image, i, i + h, j, j + w, destination[dst_ix])
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+
+class LoaderState:
+    """What a loader shares with its ffcv operations: the epoch, which the compiled decoders read by address,
+    and errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever."""
+
+    def __init__(self):
+        self.epoch = np.zeros(1, dtype=np.int64)
+        self.errors: list[BaseException] = []
 
 
 class BatchTransform(Operation):
@@ -239,21 +260,24 @@ class BatchTransform(Operation):
     there first (ffcv runs each batch on its own CUDA stream).
     """
 
-    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], epoch: np.ndarray, device: torch.device):
+    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], state: LoaderState, device: torch.device):
         super().__init__()
-        self.fn, self.epoch, self.device = fn, epoch, device
+        self.fn, self.state, self.device = fn, state, device
 
     def generate_code(self):
-        fn, epoch, device = self.fn, self.epoch, self.device
+        fn, state, device = self.fn, self.state, self.device
 
         def transform(images, _, batch_indices):
             index = torch.from_numpy(batch_indices.astype(np.int64))  # [B]
-            if device.type != "cpu":
-                return fn(images.to(device, non_blocking=True), index.to(device), int(epoch[0]))
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)
             try:
-                return fn(images, index, int(epoch[0]))
+                if device.type != "cpu":
+                    return fn(images.to(device, non_blocking=True), index.to(device), int(state.epoch[0]))
+                torch.set_num_threads(1)
+                return fn(images, index, int(state.epoch[0]))
+            except Exception as e:  # handed to the consumer (see _epoch_batches)
+                state.errors.append(e)
+                return images
             finally:
                 torch.set_num_threads(threads)
 
@@ -271,11 +295,11 @@ class BatchTransform(Operation):
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
                  distributed: bool, drop_last: bool, views: dict[str, tuple[Operation, Callable]],
-                 epoch: np.ndarray, device: str | torch.device) -> Loader:
+                 state: LoaderState, device: str | torch.device) -> Loader:
     """One ffcv Loader with each named view = (decoder of field 'image', batch transform), and 'label'."""
     device = torch.device(device)
     pipelines = {name: PipelineSpec("image", decoder=dec,
-                                    transforms=[ToTensor(), BatchTransform(fn, epoch, device)])
+                                    transforms=[ToTensor(), BatchTransform(fn, state, device)])
                  for name, (dec, fn) in views.items()}
     pipelines.setdefault("image", None)  # no undecoded default pipeline for the field itself
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
@@ -284,13 +308,16 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
                   distributed=distributed, drop_last=drop_last, pipelines=pipelines)
 
 
-def _epoch_batches(loader: Loader, epoch_array: np.ndarray, epoch: int) -> Iterator[dict[str, Tensor]]:
+def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[dict[str, Tensor]]:
     """One epoch of named batches; waits for ffcv's prefetch thread if the consumer leaves early."""
-    epoch_array[0] = epoch
+    state.epoch[0] = epoch
+    state.errors.clear()
     loader.next_epoch = epoch  # ffcv's RANDOM order of this epoch: permutation seeded by seed + epoch
     it = iter(loader)
     try:
         for batch in it:
+            if state.errors:
+                raise state.errors[0]
             yield dict(zip(loader.pipeline_specs, batch, strict=True))
     finally:
         it.close()
@@ -305,11 +332,11 @@ class TwoViewLoader:
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
                  distributed: bool = False, drop_last: bool = True, device: str | torch.device = "cpu"):
-        self.epoch, self._epoch_array = 0, np.zeros(1, dtype=np.int64)
-        views = {f"view{v}": (KeyedRandomResizedCrop((res, res), aug.crop_scale, seed, v, self._epoch_array),
-                              MocoV2Augment(aug, seed, v)) for v in (0, 1)}
+        self.epoch, self._state = 0, LoaderState()
+        views = {f"view{v}": (KeyedResizedCrop((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, v,
+                                               self._state.epoch), MocoV2Augment(aug, seed, v)) for v in (0, 1)}
         self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, views,
-                                   self._epoch_array, device)
+                                   self._state, device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -318,7 +345,7 @@ class TwoViewLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        for b in _epoch_batches(self.loader, self._epoch_array, self.epoch):
+        for b in _epoch_batches(self.loader, self._state, self.epoch):
             yield b["view0"], b["view1"], b["label"].view(-1)  # [B, 3, res, res] x2, [B]
 
 
@@ -328,11 +355,12 @@ class EvalLoader:
 
     def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
                  seed: int = 0, distributed: bool = False, device: str | torch.device = "cpu"):
-        self.epoch, self._epoch_array = 0, np.zeros(1, dtype=np.int64)
+        self.epoch, self._state = 0, LoaderState()
         if train_aug:
-            decoder = KeyedRandomResizedCrop((res, res), (0.08, 1.0), seed, 0, self._epoch_array)
+            decoder = KeyedResizedCrop((res, res), keyed_random_crop, (0.08, 1.0), RATIO, seed, 0, self._state.epoch)
         else:
-            decoder = CenterCropRGBImageDecoder((res, res), EVAL_CROP_RATIO)
+            decoder = KeyedResizedCrop((res, res), center_crop, (1.0, 1.0), (EVAL_CROP_RATIO,) * 2, seed, 0,
+                                       self._state.epoch)
 
         def transform(images: Tensor, index: Tensor, epoch: int) -> Tensor:
             x = to_float(images)  # [B, 3, res, res]
@@ -343,7 +371,7 @@ class EvalLoader:
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, train_aug, seed, distributed,
                                    drop_last=train_aug, views={"image": (decoder, transform)},
-                                   epoch=self._epoch_array, device=device)
+                                   state=self._state, device=device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -352,5 +380,5 @@ class EvalLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for b in _epoch_batches(self.loader, self._epoch_array, self.epoch):
+        for b in _epoch_batches(self.loader, self._state, self.epoch):
             yield b["image"], b["label"].view(-1)  # [B, 3, res, res], [B]

@@ -192,6 +192,12 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
                            distributed=world > 1)
     if len(loader) == 0:
         raise ValueError(f"{train_beton}: fewer images than one global batch ({global_batch})")
+    n_train = len(loader) * global_batch
+    if pt.queue_size > n_train - global_batch:
+        raise ValueError(
+            f"pretrain.queue_size = {pt.queue_size} must be at most the {n_train} training images minus one global "
+            f"batch ({global_batch}): a larger queue holds older keys of each query's own image as negatives"
+        )
     val_loader = TwoViewLoader(val_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed,
                                drop_last=False) if rank == 0 else None
     fresh = epoch0 == 0 and batch0 == 0

@@ -9,13 +9,14 @@ source "$HERE/common.sh"
 TIMEOUT=${HNCL_SLURM_TIMEOUT:-60}
 t0=$SECONDS
 
+# fail MESSAGE: print it with the daemon logs and stop what this run started (no half-up cluster left).
 fail() {
-  echo "hncl-slurm: $1" >&2
-  local f
-  for f in "$D"/log/{slurmctld,slurmd,slurmdbd,mariadb-install,mariadb,munged}.log; do
-    [ -s "$f" ] && { echo "----- $f (last 25 lines)" >&2; tail -n 25 "$f" >&2; }
+  local f report="hncl-slurm: $1"
+  for f in "$D"/log/{slurmctld,slurmd,slurmdbd,mariadb,munged}.log; do
+    [ -s "$f" ] && report+=$'\n'"----- $f (last 25 lines)"$'\n'"$(tail -n 25 "$f")"
   done
-  [ -n "${locked:-}" ] && HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null  # no half-up cluster left
+  [ -n "${locked:-}" ] && HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null
+  echo "$report" >&2
   exit 1
 }
 
@@ -35,7 +36,7 @@ wait_for() {
 
 [ "$(id -u)" = 0 ] || fail "start.sh must run as root (the daemons run as root)"
 export PATH=$PATH:/usr/sbin:/sbin
-for b in munged mariadbd mariadb-install-db slurmdbd slurmctld slurmd sbatch sacctmgr; do
+for b in munged mariadbd mariadb-install-db mariadb-admin slurmdbd slurmctld slurmd sbatch sacctmgr; do
   command -v "$b" >/dev/null || fail "$b not found: run slurm/local-cluster/install.sh"
 done
 
@@ -78,7 +79,7 @@ wait_for "munged" alive munged
 if [ ! -d "$D/mysql/data/mysql" ]; then
   mariadb-install-db --no-defaults --datadir="$D/mysql/data" --user=root --skip-test-db \
     --auth-root-authentication-method=socket >"$D/log/mariadb-install.log" 2>&1 \
-    || fail "mariadb-install-db failed (see $D/log/mariadb-install.log)"
+    || fail "mariadb-install-db failed: $(tail -n 25 "$D/log/mariadb-install.log")"
 fi
 setsid mariadbd --no-defaults --datadir="$D/mysql/data" --socket="$MYSQL_UNIX_PORT" \
   --pid-file="$D/run/mariadbd.pid" --log-error="$D/log/mariadb.log" --user=root --skip-networking \
