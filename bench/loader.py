@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 from torchvision import datasets
@@ -78,9 +79,9 @@ def timed_epoch(loader, epoch: int) -> tuple[int, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="ImageFolder dir (default: ~1000 generated 96x96 JPEGs)")
-    p.add_argument("--res", type=int, default=64)
+    p.add_argument("--res", type=int, default=64, help="side of the augmented views")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="ffcv threads = DataLoader worker processes")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader, after one warm-up epoch")
     args = p.parse_args()
     aug = AugParams()
@@ -104,14 +105,16 @@ def main() -> None:
                 totals[name][1] += s
                 print(f"  epoch {epoch} {name:12s} {n / s:8.0f} images/s")
 
+        workers_uss = [c.memory_full_info().uss / 2**20 for c in psutil.Process().children()
+                       if "resource_tracker" not in " ".join(c.cmdline())]  # private memory of the workers
+
     rate = {name: n / s for name, (n, s) in totals.items()}
     print(f"TwoViewLoader (ffcv)        {rate['ffcv']:8.0f} images/s (2 views each)")
     print(f"torchvision DataLoader      {rate['torchvision']:8.0f} images/s (2 views each)")
     print(f"ratio                       {rate['ffcv'] / rate['torchvision']:8.2f}x")
     main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"peak RSS: main process {main_rss:.0f} MiB (the ffcv loader and the DataLoader's consumer side), "
-          f"largest child {worker_rss:.0f} MiB (a DataLoader worker or a .beton writer)")
+    print(f"memory: main process peak RSS {main_rss:.0f} MiB (torch, the ffcv loader, the DataLoader's consumer); "
+          f"DataLoader workers {' + '.join(f'{m:.0f}' for m in workers_uss)} MiB private (USS)")
 
 
 if __name__ == "__main__":

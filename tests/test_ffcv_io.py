@@ -284,3 +284,14 @@ def test_error_in_loading_thread_reaches_the_consumer(train_beton: Path, monkeyp
     loader = TwoViewLoader(train_beton, batch_size=4, res=16, aug=A.AugParams(), num_workers=1, seed=0)
     with pytest.raises(RuntimeError, match="augmentation failed"):
         next(iter(loader))
+
+
+def test_batches_kept_by_the_caller_stay_valid(train_beton: Path):
+    """ffcv reuses its output buffers after batches_ahead + 2 batches; what we yield must not alias them."""
+    loader = EvalLoader(train_beton, batch_size=2, res=16, num_workers=1, train_aug=False)
+    kept = list(loader)  # 6 batches, more than ffcv's 5 buffer slots
+    assert torch.cat([y for _, y in kept]).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    copied = [(x.clone(), y.clone()) for x, y in loader]
+    assert all(torch.equal(a, b) for k, c in zip(kept, copied, strict=True) for a, b in zip(k, c, strict=True))
+    two_view = list(TwoViewLoader(train_beton, batch_size=2, res=16, aug=A.AugParams(), num_workers=1, seed=0))
+    assert sorted(torch.cat([y for _, _, y in two_view]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4

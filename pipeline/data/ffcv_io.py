@@ -255,26 +255,22 @@ class BatchTransform(Operation):
     """Runs fn(uint8 images [B, H, W, 3], dataset indices [B], epoch) -> float32 [B, 3, H, W] in ffcv's
     loading thread, so the torch-side augmentation is prefetched like the decoding.
 
-    On the CPU it runs with one torch thread: the ops are small and an OpenMP team next to numba's decoder
-    threads spin-waits (5-10x slower on 2 shared cores, measured). On a GPU the uint8 crops are copied
-    there first (ffcv runs each batch on its own CUDA stream).
+    It runs with one torch thread: the ops are small, and an OpenMP team next to numba's decoder threads
+    spin-waits (5-10x slower on 2 shared cores, measured).
     """
 
-    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], state: LoaderState, device: torch.device):
+    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], state: LoaderState):
         super().__init__()
-        self.fn, self.state, self.device = fn, state, device
+        self.fn, self.state = fn, state
 
     def generate_code(self):
-        fn, state, device = self.fn, self.state, self.device
+        fn, state = self.fn, self.state
 
         def transform(images, _, batch_indices):
-            index = torch.from_numpy(batch_indices.astype(np.int64))  # [B]
             threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             try:
-                if device.type != "cpu":
-                    return fn(images.to(device, non_blocking=True), index.to(device), int(state.epoch[0]))
-                torch.set_num_threads(1)
-                return fn(images, index, int(state.epoch[0]))
+                return fn(images, torch.from_numpy(batch_indices.astype(np.int64)), int(state.epoch[0]))
             except Exception as e:  # handed to the consumer (see _epoch_batches)
                 state.errors.append(e)
                 return images
@@ -286,8 +282,7 @@ class BatchTransform(Operation):
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
         H, W, C = previous_state.shape
-        return replace(previous_state, jit_mode=False, shape=(C, H, W), dtype=torch.float32,
-                       device=self.device), None
+        return replace(previous_state, jit_mode=False, shape=(C, H, W), dtype=torch.float32), None
 
 
 # ---- loaders ------------------------------------------------------------------------------------------
@@ -295,11 +290,9 @@ class BatchTransform(Operation):
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
                  distributed: bool, drop_last: bool, views: dict[str, tuple[Operation, Callable]],
-                 state: LoaderState, device: str | torch.device) -> Loader:
+                 state: LoaderState) -> Loader:
     """One ffcv Loader with each named view = (decoder of field 'image', batch transform), and 'label'."""
-    device = torch.device(device)
-    pipelines = {name: PipelineSpec("image", decoder=dec,
-                                    transforms=[ToTensor(), BatchTransform(fn, state, device)])
+    pipelines = {name: PipelineSpec("image", decoder=dec, transforms=[ToTensor(), BatchTransform(fn, state)])
                  for name, (dec, fn) in views.items()}
     pipelines.setdefault("image", None)  # no undecoded default pipeline for the field itself
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
@@ -309,7 +302,10 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
 
 
 def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[dict[str, Tensor]]:
-    """One epoch of named batches; waits for ffcv's prefetch thread if the consumer leaves early."""
+    """One epoch of named batches; waits for ffcv's prefetch thread if the consumer leaves early.
+
+    ffcv's own outputs (here the labels) live in buffers it reuses a few batches later: callers copy them.
+    """
     state.epoch[0] = epoch
     state.errors.clear()
     loader.next_epoch = epoch  # ffcv's RANDOM order of this epoch: permutation seeded by seed + epoch
@@ -331,12 +327,12 @@ class TwoViewLoader:
     """
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = True, device: str | torch.device = "cpu"):
+                 distributed: bool = False, drop_last: bool = True):
         self.epoch, self._state = 0, LoaderState()
         views = {f"view{v}": (KeyedResizedCrop((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, v,
                                                self._state.epoch), MocoV2Augment(aug, seed, v)) for v in (0, 1)}
         self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, views,
-                                   self._state, device)
+                                   self._state)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -346,7 +342,7 @@ class TwoViewLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["view0"], b["view1"], b["label"].view(-1)  # [B, 3, res, res] x2, [B]
+            yield b["view0"], b["view1"], b["label"].view(-1).clone()  # [B, 3, res, res] x2, [B]
 
 
 class EvalLoader:
@@ -354,7 +350,7 @@ class EvalLoader:
     a 224/256 centre crop in dataset order keeping every image (features, kNN, validation)."""
 
     def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
-                 seed: int = 0, distributed: bool = False, device: str | torch.device = "cpu"):
+                 seed: int = 0, distributed: bool = False):
         self.epoch, self._state = 0, LoaderState()
         if train_aug:
             decoder = KeyedResizedCrop((res, res), keyed_random_crop, (0.08, 1.0), RATIO, seed, 0, self._state.epoch)
@@ -371,7 +367,7 @@ class EvalLoader:
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, train_aug, seed, distributed,
                                    drop_last=train_aug, views={"image": (decoder, transform)},
-                                   state=self._state, device=device)
+                                   state=self._state)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -381,4 +377,4 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["image"], b["label"].view(-1)  # [B, 3, res, res], [B]
+            yield b["image"], b["label"].view(-1).clone()  # [B, 3, res, res], [B]
