@@ -96,6 +96,7 @@ class PretrainParams:
     res: int = _f(64, min=8)
     dim: int = _f(128, min=1)  # feature dimension of the projection head
     queue_size: int = _f(1024, min=1)  # K
+    queue_init: str = _f("keys", choices=("keys", "random"))  # "random" = MoCo's reference
     key_momentum: float = _f(0.99, min=0, max=1)  # m
     temperature: float = _f(0.2, min_exclusive=0)  # T
     mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head
@@ -122,7 +123,7 @@ class LinevalParams:
 
 @dataclass
 class KnnParams:
-    k: int = _f(200, min=1)
+    k: int = _f(20, min=1)  # MoCo uses 200 on ImageNet (1300 images a class); the toy has 160
     temperature: float = _f(0.07, min_exclusive=0)
     res: int = _f(64, min=8)
     batch_size: int = _f(256, min=1)

@@ -21,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-key=$(cat requirements.lock | sha256sum | cut -c1-16)
+key=$(cat requirements.lock tools/install_detectron2.sh | sha256sum | cut -c1-16)
 cache=${HNCL_VENV_CACHE:-$HOME/.cache/hncl}/venv-$key
 if [ ! -f "$cache/.complete" ]; then
   echo "setup: creating venv $cache (first run: a few minutes)"
@@ -30,7 +30,8 @@ if [ ! -f "$cache/.complete" ]; then
   # torch first, alone, so that pip takes the wheels on this machine's disk
   "$cache/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
   "$cache/bin/pip" install -q -r requirements.lock 2>&1 | grep -v "is ignored" || true
-  "$cache/bin/python" -c "import torch, torchvision, ffcv, dvc, dvclive, submitit" \
+  bash tools/install_detectron2.sh "$cache"
+  "$cache/bin/python" -c "import torch, torchvision, ffcv, dvc, dvclive, submitit, detectron2" \
     || { echo "setup: venv is broken: $cache" >&2; exit 1; }
   touch "$cache/.complete"
 fi

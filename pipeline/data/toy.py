@@ -35,6 +35,8 @@ PATTERNS = {
                                              np.abs(np.mod(v / p + f, 1) - 0.5)) < 0.3,
 }
 CLASS_NAMES = list(PATTERNS)
+PALETTE = np.array([[230, 230, 220], [30, 30, 40], [200, 60, 50], [60, 90, 200], [240, 200, 60], [50, 150, 80]],
+                   dtype=np.float64)  # [P, 3] RGB
 
 
 def render(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -46,12 +48,14 @@ def render(pattern: str, size: int, rng: np.random.Generator) -> np.ndarray:
     u = x * np.cos(angle) + y * np.sin(angle)
     v = -x * np.sin(angle) + y * np.cos(angle)
     mask = PATTERNS[pattern](u, v, period, phase).astype(np.float64)  # [size, size]
-    # colours with a luminance gap, so the pattern survives grayscale and jitter
+    # two colours of a small shared palette, with a luminance gap so the pattern survives grayscale and
+    # jitter; many images of every class share a colour pair, so colour identifies neither class nor image
+    lum = PALETTE @ np.array([0.299, 0.587, 0.114])  # [P]
     while True:
-        fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        lum = np.array([0.299, 0.587, 0.114])
-        if abs((fg - bg) @ lum) > 60:
+        i, j = rng.choice(len(PALETTE), 2, replace=False)
+        if abs(lum[i] - lum[j]) > 60:
             break
+    fg, bg = PALETTE[i] + rng.normal(0, 8, 3), PALETTE[j] + rng.normal(0, 8, 3)
     img = mask[..., None] * fg + (1 - mask[..., None]) * bg  # [size, size, 3]
     img += rng.normal(0, 12, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -112,6 +112,24 @@ def _histogram_rows(values: list, epoch: int, bins: int = 30) -> list:
     return [f"{lo + (i + 0.5) * width:.4f},{int(c)},{epoch}" for i, c in enumerate(counts)]
 
 
+@torch.no_grad()
+def fill_queue(model: MoCo, loader: TwoViewLoader, device: torch.device) -> None:
+    """Fill the queue with real keys (key encoder, augmented views) before the first step.
+
+    A queue of random unit vectors is easy to beat by mapping every image to one point (the positive then
+    scores ~1, random negatives ~0); at the toy scale that collapse happens in the few steps before the
+    queue is refilled and is never undone. Starting from real keys removes the incentive."""
+    model.train()
+    loader.set_epoch(1 << 20)  # draws of their own: an epoch no run reaches
+    filled = 0
+    while filled < model.K:
+        for _, im_k, _ in loader:
+            model.dequeue_and_enqueue(model.encode_keys(im_k.to(device)))
+            filled += im_k.shape[0] * (dist.get_world_size() if dist.is_initialized() else 1)
+            if filled >= model.K:
+                break
+
+
 def build_model(p: Params) -> MoCo:
     pt = p.pretrain
     return MoCo(p.model.arch, pt.dim, pt.queue_size, pt.key_momentum, pt.temperature, pt.mlp, pt.bn_splits)
@@ -198,9 +216,15 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             f"pretrain.queue_size = {pt.queue_size} must be at most the {n_train} training images minus one global "
             f"batch ({global_batch}): a larger queue holds older keys of each query's own image as negatives"
         )
+    if pt.queue_size > n_train // 8 and rank == 0:
+        print(f"pretrain: warning: queue_size {pt.queue_size} is more than 1/8 of the {n_train} training images; "
+              "many queries will meet an older key of their own image among the negatives, which makes the loss "
+              "rise as training converges", flush=True)
     val_loader = TwoViewLoader(val_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed,
                                drop_last=False) if rank == 0 else None
     fresh = epoch0 == 0 and batch0 == 0
+    if fresh and pt.queue_init == "keys":
+        fill_queue(model, loader, device)
     if rank == 0 and fresh:
         shutil.rmtree(analysis_dir, ignore_errors=True)
     live = Live(str(live_dir), resume=not fresh, save_dvc_exp=False, dvcyaml=None, report=None) if rank == 0 else None
