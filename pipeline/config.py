@@ -34,8 +34,8 @@ class ToyParams:
     """The built-in toy set: textures whose class is the pattern, never the colour (see pipeline/data/toy.py)."""
 
     classes: int = _f(8, min=2, max=15)
-    train_per_class: int = _f(160, min=1)
-    val_per_class: int = _f(40, min=1)
+    train_per_class: int = _f(400, min=1)
+    val_per_class: int = _f(50, min=1)
     size: int = _f(64, min=16)
     seed: int = _f(0, min=0)
 
@@ -83,10 +83,10 @@ class PretrainParams:
     tau_plus: float = _f(0.1, min=0, max_exclusive=1)  # DCL/HCL class prior (~1/C)
     beta: float = _f(1.0, min=0)  # HCL concentration
     drop_hardest: float = _f(0.0, min=0, max_exclusive=1)  # fraction of each query's queue presumed false negatives
-    hard_start_epoch: int = _f(5, min=0)  # synthetic negatives from this epoch on (papers: 10 on IN-100, 15 on IN-1k)
+    hard_start_epoch: int = _f(2, min=0)  # synthetic negatives from this epoch on (papers: 10 on IN-100, 15 on IN-1k)
     mochi: MochiParams = field(default_factory=MochiParams)
     synco: SyncoParams = field(default_factory=SyncoParams)
-    epochs: int = _f(15, min=1)
+    epochs: int = _f(6, min=1)
     batch_size: int = _f(64, min=2)  # per process; the global batch is batch_size x world size
     lr: float = _f(0.12, min_exclusive=0)  # per 256 images of global batch (linear scaling rule)
     momentum: float = _f(0.9, min=0, max=1)
@@ -95,13 +95,13 @@ class PretrainParams:
     lr_steps: list = _f([0.6, 0.8])  # fractions of training at which "step" multiplies lr by 0.1
     res: int = _f(64, min=8)
     dim: int = _f(128, min=1)  # feature dimension of the projection head
-    queue_size: int = _f(1024, min=1)  # K
+    queue_size: int = _f(256, min=1)  # K
     queue_init: str = _f("keys", choices=("keys", "random"))  # "random" = MoCo's reference
     key_momentum: float = _f(0.99, min=0, max=1)  # m
     temperature: float = _f(0.2, min_exclusive=0)  # T
     mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head
     bn_splits: int = _f(8, min=1)  # one process: emulate shuffle BN with this many BN groups (1 = off)
-    analysis_every: int = _f(5, min=1)  # epochs between the analyses of the val set (and the last epoch)
+    analysis_every: int = _f(2, min=1)  # epochs between the analyses of the val set (and the last epoch)
     crop_scale: list = _f([0.2, 1.0])
     blur_sigma: list = _f([0.1, 2.0])  # MoCo v2 uses 0.1-2.0 px at 224 px
     seed: int = _f(0, min=0)
@@ -117,13 +117,13 @@ class LinevalParams:
     weight_decay: float = _f(0.0, min=0)
     lr_steps: list = _f([0.6, 0.8])  # MoCo: x0.1 at epochs 60 and 80 of 100
     res: int = _f(64, min=8)
-    augment: bool = _f(True)  # RandomResizedCrop+flip per epoch (reference); False = features computed once
+    augment: bool = _f(False)  # RandomResizedCrop+flip per epoch (reference); False = features computed once
     seed: int = _f(0, min=0)
 
 
 @dataclass
 class KnnParams:
-    k: int = _f(20, min=1)  # MoCo uses 200 on ImageNet (1300 images a class); the toy has 160
+    k: int = _f(20, min=1)  # MoCo uses 200 on ImageNet (1300 images a class)
     temperature: float = _f(0.07, min_exclusive=0)
     res: int = _f(64, min=8)
     batch_size: int = _f(256, min=1)

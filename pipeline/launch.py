@@ -98,7 +98,7 @@ class _Task(submitit.helpers.Checkpointable):
         return self.fn(*self.args)
 
 
-def _executor(p: Params, folder: Path) -> submitit.SlurmExecutor:
+def _executor(p: Params, folder: Path, single_task: bool) -> submitit.SlurmExecutor:
     lp = p.launch
     ex = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=lp.max_requeues)
     extra = {"open_mode": "append"} | dict(lp.extra_sbatch)  # a requeued attempt appends to the same log
@@ -106,8 +106,9 @@ def _executor(p: Params, folder: Path) -> submitit.SlurmExecutor:
         if getattr(lp, key):
             extra[key] = getattr(lp, key)
     ex.update_parameters(
-        partition=lp.partition or None, nodes=lp.nodes, ntasks_per_node=lp.tasks_per_node,
-        cpus_per_task=lp.cpus_per_task, gpus_per_node=lp.gpus_per_node or None, mem=f"{lp.mem_gb}GB",
+        partition=lp.partition or None, nodes=1 if single_task else lp.nodes,
+        ntasks_per_node=1 if single_task else lp.tasks_per_node, cpus_per_task=lp.cpus_per_task,
+        gpus_per_node=(min(lp.gpus_per_node, 1) if single_task else lp.gpus_per_node) or None, mem=f"{lp.mem_gb}GB",
         time=lp.timeout_min, signal_delay_s=lp.signal_delay_s, job_name=folder.name,
         additional_parameters=extra,
     )
@@ -163,10 +164,12 @@ def _wait(job: submitit.Job, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def run(p: Params, name: str, fn: Callable, *args: Any, identity: str = "", poll_s: float = 3.0) -> tuple[Any, dict]:
+def run(p: Params, name: str, fn: Callable, *args: Any, identity: str = "", single_task: bool = False,
+        poll_s: float = 3.0) -> tuple[Any, dict]:
     """fn(*args) in this process (launch.executor local) or as a SLURM job; returns (result, job info).
 
-    identity: what makes a recorded job the same work (a params hash): only such a job is re-attached."""
+    identity: what makes a recorded job the same work (a params hash): only such a job is re-attached.
+    single_task: one process with at most one GPU (evaluation), whatever the DDP layout in params."""
     if p.launch.executor == "local":
         t0 = time.time()
         return fn(*args), {"executor": "local", "hours": round((time.time() - t0) / 3600, 4), "gpu_hours": 0.0}
@@ -181,7 +184,7 @@ def run(p: Params, name: str, fn: Callable, *args: Any, identity: str = "", poll
             print(f"launch: re-attaching to job {old['job_id']} ({state}) recorded in {record}", flush=True)
             job = submitit.SlurmJob(folder=str(folder), job_id=old["job_id"], tasks=tuple(range(old["tasks"])))
     if job is None:
-        ex = _executor(p, folder)
+        ex = _executor(p, folder, single_task)
         try:
             job = ex.submit(_Task(fn, args))
         except subprocess.CalledProcessError as e:
@@ -189,7 +192,7 @@ def run(p: Params, name: str, fn: Callable, *args: Any, identity: str = "", poll
             raise JobFailed(f"{name}: sbatch refused the job: {msg or e}") from None
         except Exception as e:  # submitit wraps sbatch errors in its own exception types
             raise JobFailed(f"{name}: sbatch refused the job: {e}") from None
-        tasks = p.launch.nodes * p.launch.tasks_per_node
+        tasks = 1 if single_task else p.launch.nodes * p.launch.tasks_per_node
         folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"job_id": job.job_id, "identity": identity, "tasks": tasks}) + "\n")
         print(f"launch: submitted job {job.job_id} ({tasks} task(s)); logs in {folder}", flush=True)

@@ -1,17 +1,21 @@
-"""DVC stage knn: weighted kNN top-1 of the pretrained backbone and of a random-init control -> metrics/knn.json."""
+"""DVC stage knn: weighted kNN top-1 of the pretrained backbone and of a random-init control -> metrics/knn.json.
+
+Runs here or as a one-task SLURM job, per launch.executor."""
 
 import json
 from pathlib import Path
 
 import torch
 
+from pipeline import launch
+from pipeline.checkpoint import params_hash
 from pipeline.cli import run_stage, write_json
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone, resnet
 from pipeline.train.evaluate import knn_top1
 
 
-def main(p: Params) -> None:
+def evaluate(p: Params) -> dict:
     pretrained = load_backbone(Path("models/pretrain/checkpoint.pt"), p.model.arch)
     torch.manual_seed(p.pretrain.seed)
     control = resnet(p.model.arch)  # same architecture, random init, evaluated identically
@@ -20,10 +24,14 @@ def main(p: Params) -> None:
     kn = p.knn
     top1 = {name: knn_top1(net, *betons, kn.res, kn.batch_size, p.data.num_workers, kn.k, kn.temperature, num_classes)
             for name, net in (("pretrained", pretrained), ("random_init", control))}
-    metrics = {"top1": top1["pretrained"], "random_init_top1": top1["random_init"],
-               "gain": top1["pretrained"] - top1["random_init"], "k": kn.k, "temperature": kn.temperature}
+    return {"top1": top1["pretrained"], "random_init_top1": top1["random_init"],
+            "gain": top1["pretrained"] - top1["random_init"], "k": kn.k, "temperature": kn.temperature}
+
+
+def main(p: Params) -> None:
+    metrics, job = launch.run(p, "knn", evaluate, p, identity=params_hash(p.to_dict()), single_task=True)
     print(f"knn: top-1 {metrics['top1']:.2f} (random init {metrics['random_init_top1']:.2f})")
-    write_json("metrics/knn.json", metrics)
+    write_json("metrics/knn.json", metrics | {"job": job})
 
 
 if __name__ == "__main__":

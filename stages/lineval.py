@@ -1,15 +1,19 @@
-"""DVC stage lineval: linear classifier on the frozen pretrained backbone -> metrics/lineval.json."""
+"""DVC stage lineval: linear classifier on the frozen pretrained backbone -> metrics/lineval.json.
+
+Runs here or as a one-task SLURM job, per launch.executor."""
 
 import json
 from pathlib import Path
 
+from pipeline import launch
+from pipeline.checkpoint import params_hash
 from pipeline.cli import run_stage, write_json
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone
 from pipeline.train.evaluate import linear_eval
 
 
-def main(p: Params) -> None:
+def evaluate(p: Params) -> dict:
     ckpt = Path(p.lineval.checkpoint or "models/pretrain/checkpoint.pt")
     if p.lineval.checkpoint and not ckpt.is_file():
         raise FileNotFoundError(f"lineval.checkpoint = {p.lineval.checkpoint!r}: file not found")
@@ -17,9 +21,13 @@ def main(p: Params) -> None:
     num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
     metrics = linear_eval(backbone, p.model.arch, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
                           num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"))
-    metrics["checkpoint"] = str(ckpt)
+    return metrics | {"checkpoint": str(ckpt)}
+
+
+def main(p: Params) -> None:
+    metrics, job = launch.run(p, "lineval", evaluate, p, identity=params_hash(p.to_dict()), single_task=True)
     print(f"lineval: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
-    write_json("metrics/lineval.json", metrics)
+    write_json("metrics/lineval.json", metrics | {"job": job})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,23 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
         assert f"Running stage '{stage}'" not in out, out
 
 
+def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
+    path, set_params = project
+    run(["dvc", "repro"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "moco baseline"], path)
+    for method in ("mochi", "synco"):
+        out = run(["dvc", "exp", "run", "-n", method, "-S", f"pretrain.method={method}",
+                   "-S", "pretrain.hard_start_epoch=1"], path).stdout
+        assert "Running stage 'pretrain'" in out
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], path).stdout)
+    assert "mochi" in json.dumps(shown) and "synco" in json.dumps(shown)
+    diff = run(["dvc", "metrics", "diff", "HEAD", "mochi", "--json"], path).stdout
+    assert "metrics/knn.json" in diff and "metrics/pretrain.json" in diff
+    plots = run(["dvc", "plots", "diff", "HEAD", "synco", "--json"], path).stdout
+    assert "hardness" in plots
+
+
 def test_killed_pretraining_resumes_from_the_saved_step(project):
     path, set_params = project
     set_params({"pretrain": {"epochs": 4}})

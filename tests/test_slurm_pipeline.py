@@ -36,10 +36,13 @@ def job_id(path: Path) -> str:
     return json.loads((path / "logs/slurm/pretrain/job.json").read_text())["job_id"]
 
 
-def test_dvc_repro_runs_two_task_ddp_pretraining_on_slurm(project, slurm_cluster):
+def test_dvc_repro_runs_two_task_ddp_pretraining_and_evaluation_on_slurm(project, slurm_cluster):
     path, set_params = project
     set_params(SLURM)
-    run(["dvc", "repro", "pretrain"], path, timeout=600)
+    run(["dvc", "repro"], path, timeout=900)
+    for stage in ("lineval", "knn"):  # one-task jobs through the same launcher
+        job = json.loads((path / f"metrics/{stage}.json").read_text())["job"]
+        assert job["executor"] == "slurm" and job["state"] == "COMPLETED", stage
     metrics = json.loads((path / "metrics/pretrain.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["job"]["executor"] == "slurm" and metrics["job"]["state"] == "COMPLETED"
