@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.checkpoint import atomic_write
 from pipeline.config import ConfigError, Params, load_params
 
 
 def write_json(path: str | Path, obj: dict) -> None:
     """Write JSON atomically (temp file + rename), so a metrics file is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 def run_stage(name: str, main: Callable[[Params], None], params_path: str = "params.yaml") -> None:

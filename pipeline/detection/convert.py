@@ -5,10 +5,8 @@ the model prefix: detectron2's checkpointer, told to use matching heuristics, pu
 ROI head (`roi_heads.res5.*`) and the rest into `backbone.*` by suffix matching.
 """
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,8 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
+
+from pipeline.checkpoint import atomic_write
 
 MOCO_PREFIX = "module.encoder_q."  # query encoder in an official MoCo checkpoint (DDP-wrapped)
 D2_META = {"__author__": "MOCO", "matching_heuristics": True}  # match names by suffix when loading
@@ -59,17 +59,7 @@ def save_d2_weights(d2_weights: dict[str, torch.Tensor], path: str | Path) -> No
     if path.suffix != ".pkl":
         raise ValueError(f"{path}: detectron2 reads a pickle only from a .pkl file")
     obj = {"model": {k: v.numpy() for k, v in d2_weights.items()}, **D2_META}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a crash never leaves a truncated pickle under `path`
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: pickle.dump(obj, f))
 
 
 def verify_conversion(d2_weights: dict[str, torch.Tensor], cfg: CfgNode) -> None:
