@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dvclive import Live
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dvclive import Live
 from pipeline import checkpoint
 from pipeline.analysis import alignment, class_distance_ratio, hardness, uniformity
 from pipeline.config import Params, PretrainParams
