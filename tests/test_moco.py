@@ -97,3 +97,27 @@ def test_cosine_and_step_schedules():
     assert lr_at(1.0, 0, 10, "cosine", []) == 1.0
     assert abs(lr_at(1.0, 5, 10, "cosine", []) - 0.5) < 1e-9
     assert [lr_at(1.0, e, 10, "step", [0.6, 0.8]) for e in (5, 6, 8)] == [1.0, 0.1, 0.1 ** 2]
+
+
+def test_hard_negative_warm_up_is_respected_and_synthetic_points_join_the_loss():
+    from pipeline.config import PretrainParams
+    from pipeline.models.negatives import mochi, synthetic_logits
+    from pipeline.train.pretrain import step_loss
+
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(32, 8), dim=1)
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    out = {"q": q, "l_pos": (q * k).sum(1), "l_neg": q @ queue.T}
+    pt = PretrainParams(method="mochi", hard_start_epoch=3, temperature=0.2)
+    pt.mochi.n_hard, pt.mochi.s, pt.mochi.s_prime = 8, 4, 2
+    index = torch.arange(4)
+    before, _, _ = step_loss(out, queue, pt, epoch=2, query_index=index)
+    assert torch.allclose(before, infonce(out["l_pos"], out["l_neg"], 0.2))  # warm-up: real negatives only
+    after, hits, hits_all = step_loss(out, queue, pt, epoch=3, query_index=index)
+    h = mochi(q.detach(), queue, 8, 4, 2, logits=out["l_neg"].detach(), query_index=index, seed=pt.seed)
+    neg = torch.cat([out["l_neg"], synthetic_logits(q, h)], dim=1)  # [4, 32 + 6]
+    assert torch.allclose(after, infonce(out["l_pos"], neg, 0.2))
+    assert after > before and bool((hits_all <= hits).all())
+    after.backward()
+    assert q.grad is not None  # the query gets gradient through the synthetic logits, the points none

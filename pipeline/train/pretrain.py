@@ -1,4 +1,4 @@
-"""The MoCo v2 pretraining loop: one epoch per checkpoint, resumable, dvclive curves, NaN guard."""
+"""The MoCo v2 pretraining loop: checkpoints every epoch and on preemption, resume, dvclive curves, NaN guard."""
 
 from __future__ import annotations
 
