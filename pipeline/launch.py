@@ -159,8 +159,8 @@ def _wait(job: submitit.Job, poll_s: float) -> None:
                 sys.stdout.write(text[seen:])
                 sys.stdout.flush()
                 seen = len(text)
-        if state not in ACTIVE:
-            return
+        if state not in ACTIVE or (state == "UNKNOWN" and Path(job.paths.result_pickle).exists()):
+            return  # (UNKNOWN: a cluster without accounting once the job left the queue)
         time.sleep(poll_s)
 
 
