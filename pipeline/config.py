@@ -8,7 +8,6 @@ and what is allowed, before any stage does work.
 from __future__ import annotations
 
 import difflib
-import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -214,8 +213,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for name, f in known.items():
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if isinstance(tp, types.GenericAlias):
-            tp = typing.get_origin(tp)
         if is_dataclass(tp):
             values[name] = _build(tp, raw.get(name, {}), key)
         elif name in raw:

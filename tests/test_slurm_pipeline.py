@@ -36,6 +36,17 @@ def job_id(path: Path) -> str:
     return json.loads((path / "logs/slurm/pretrain/job.json").read_text())["job_id"]
 
 
+def submit_pretrain(project, epochs: int) -> tuple[Path, subprocess.Popen, str]:
+    """Convert the data, start `dvc repro pretrain` on the cluster in the background, return once the
+    job is recorded: (project path, the dvc process, the job id)."""
+    path, set_params = project
+    set_params(SLURM | {"pretrain": {"epochs": epochs}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    proc = start_repro(path, "pretrain")
+    wait_for(lambda: (path / "logs/slurm/pretrain/job.json").exists(), 60, "the job record")
+    return path, proc, job_id(path)
+
+
 def test_dvc_repro_runs_two_task_ddp_pretraining_and_evaluation_on_slurm(project, slurm_cluster):
     path, set_params = project
     set_params(SLURM)
@@ -53,13 +64,8 @@ def test_dvc_repro_runs_two_task_ddp_pretraining_and_evaluation_on_slurm(project
 
 
 def test_preempted_job_saves_mid_epoch_and_resumes_from_that_step(project, slurm_cluster):
-    path, set_params = project
-    set_params(SLURM | {"pretrain": {"epochs": 6}})
-    run(["dvc", "repro", "ffcv_convert"], path)
-    proc = start_repro(path, "pretrain")
+    path, proc, jid = submit_pretrain(project, epochs=6)
     log = path / "logs/slurm/pretrain"
-    wait_for(lambda: (log / "job.json").exists(), 60, "the job record")
-    jid = job_id(path)
     wait_for(lambda: "pretrain: epoch 1/6" in "".join(p.read_text() for p in log.glob(f"{jid}_0_log.out")),
              300, "the first epoch")
     subprocess.check_call(["scancel", jid, "--signal", "USR2"])  # what SLURM sends before preemption
@@ -75,12 +81,7 @@ def test_preempted_job_saves_mid_epoch_and_resumes_from_that_step(project, slurm
 
 
 def test_killed_dvc_repro_reattaches_to_the_running_job(project, slurm_cluster):
-    path, set_params = project
-    set_params(SLURM | {"pretrain": {"epochs": 3}})
-    run(["dvc", "repro", "ffcv_convert"], path)
-    proc = start_repro(path, "pretrain")
-    wait_for(lambda: (path / "logs/slurm/pretrain/job.json").exists(), 60, "the job record")
-    jid = job_id(path)
+    path, proc, jid = submit_pretrain(project, epochs=3)
     os.killpg(proc.pid, signal.SIGKILL)  # the terminal dies; the job keeps running
     proc.wait()
     (path / ".dvc/tmp/rwlock").unlink(missing_ok=True)
@@ -91,12 +92,7 @@ def test_killed_dvc_repro_reattaches_to_the_running_job(project, slurm_cluster):
 
 
 def test_cancelled_job_fails_the_stage_with_id_and_state(project, slurm_cluster):
-    path, set_params = project
-    set_params(SLURM | {"pretrain": {"epochs": 20}})
-    run(["dvc", "repro", "ffcv_convert"], path)
-    proc = start_repro(path, "pretrain")
-    wait_for(lambda: (path / "logs/slurm/pretrain/job.json").exists(), 60, "the job record")
-    jid = job_id(path)
+    _, proc, jid = submit_pretrain(project, epochs=20)
     subprocess.check_call(["scancel", jid])
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
