@@ -129,6 +129,61 @@ class KnnParams:
 
 
 @dataclass
+class ToyDetectionParams:
+    """The built-in toy detection set: textured objects on clutter, written as VOCdevkit and as COCO."""
+
+    classes: int = _f(4, min=1, max=15)
+    train_images: int = _f(128, min=2)  # split between VOC2007 and VOC2012 trainval; all of COCO train2017
+    test_images: int = _f(48, min=1)  # VOC2007 test and COCO val2017
+    size: int = _f(128, min=32)
+    seed: int = _f(0, min=0)
+
+
+@dataclass
+class DetectionRunParams:
+    """One detectron2 fine-tuning schedule (the toy values fit a CPU; presets hold the paper's)."""
+
+    max_iter: int = _f(100, min=1)
+    base_lr: float = _f(0.02, min_exclusive=0)  # for ims_per_batch images (paper: 0.02 at 16)
+    ims_per_batch: int = _f(4, min=1)  # global batch (paper: 16)
+    min_size_train: list = _f([128])  # shorter side, one drawn per image (paper VOC: 480..800, COCO 640..800)
+    max_size_train: int = _f(160, min=16)
+    min_size_test: int = _f(128, min=16)
+    max_size_test: int = _f(160, min=16)
+    roi_batch_size: int = _f(32, min=1)  # ROIs per image for the head (paper: 512)
+    test_topk: int = _f(100, min=1)  # proposals kept per test image (paper: 1000)
+    precise_bn_iters: int = _f(4, min=0)  # paper: 200
+    checkpoint_period: int = _f(50, min=1)  # iterations between detectron2 checkpoints (resume points)
+    trials: int = _f(1, min=1)  # independent runs with seeds seed..seed+trials-1 (papers: 5 on VOC)
+    seed: int = _f(0, min=0)
+
+
+@dataclass
+class VocParams(DetectionRunParams):
+    root: str = _f("data/toy_det/VOCdevkit")  # a VOCdevkit folder holding VOC2007 (and VOC2012)
+    train_splits: list = _f(["VOC2007/trainval", "VOC2012/trainval"])  # <year folder>/<ImageSets/Main split>
+    test_split: str = _f("VOC2007/test")
+
+
+@dataclass
+class CocoParams(DetectionRunParams):
+    root: str = _f("data/toy_det/coco")  # holds annotations/instances_<split>.json and <split>/ images
+    train_split: str = _f("train2017")
+    test_split: str = _f("val2017")
+    schedule: str = _f("1x", choices=("1x", "2x"))  # shape of the lr steps; max_iter sets the length
+
+
+@dataclass
+class DetectionParams:
+    checkpoint: str = _f("")  # "" = this pipeline's pretrain output; else an official MoCo checkpoint
+    init: str = _f("pretrained", choices=("pretrained", "random"))  # random: the control, same schedule
+    num_workers: int = _f(2, min=0)  # detectron2 data loader workers per process
+    toy: ToyDetectionParams = field(default_factory=ToyDetectionParams)
+    voc: VocParams = field(default_factory=VocParams)
+    coco: CocoParams = field(default_factory=CocoParams)
+
+
+@dataclass
 class LaunchParams:
     """Where stages run: here (local) or as SLURM jobs through submitit. Chosen explicitly, never guessed."""
 
@@ -158,6 +213,7 @@ class Params:
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     lineval: LinevalParams = field(default_factory=LinevalParams)
     knn: KnnParams = field(default_factory=KnnParams)
+    detection: DetectionParams = field(default_factory=DetectionParams)
     launch: LaunchParams = field(default_factory=LaunchParams)
 
     @property
@@ -252,6 +308,15 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(f"params: pretrain.method = {pt.method} with no synthetic negatives (all counts 0)")
     _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
     _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
+    for task in ("voc", "coco"):
+        run = getattr(p.detection, task)
+        key = f"detection.{task}"
+        if run.ims_per_batch % p.world_size:
+            raise ConfigError(f"params: {key}.ims_per_batch = {run.ims_per_batch} must be a multiple of the world size "
+                              f"{p.world_size} (launch.nodes x launch.tasks_per_node)")
+        sizes = run.min_size_train
+        if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+            raise ConfigError(f"params: {key}.min_size_train = {sizes!r} must be a non-empty list of positive integers")
     for key, steps in (("pretrain.lr_steps", pt.lr_steps), ("lineval.lr_steps", p.lineval.lr_steps)):
         if not all(isinstance(s, (int, float)) and 0 < s < 1 for s in steps) or list(steps) != sorted(steps):
             raise ConfigError(f"params: {key} = {steps!r} must be increasing fractions of training in (0, 1)")

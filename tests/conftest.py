@@ -17,12 +17,17 @@ from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the real one-node 
 REPO = Path(__file__).resolve().parents[1]
 
 # the smallest study that still exercises every stage for real
+TINY_DETECTION = {"max_iter": 2, "ims_per_batch": 2, "min_size_train": [64], "max_size_train": 64,
+                  "min_size_test": 64, "max_size_test": 64, "roi_batch_size": 8, "test_topk": 20,
+                  "precise_bn_iters": 1, "checkpoint_period": 1}
 TINY = {
     "toy": {"classes": 3, "train_per_class": 16, "val_per_class": 8, "size": 32},
     "data": {"max_resolution": 32, "num_workers": 1},
     "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 32, "bn_splits": 2, "res": 32},
     "lineval": {"epochs": 2, "batch_size": 16, "res": 32},
     "knn": {"k": 5, "res": 32},
+    "detection": {"num_workers": 0, "toy": {"classes": 2, "train_images": 8, "test_images": 4, "size": 64},
+                  **{task: TINY_DETECTION for task in ("voc", "coco")}},
 }
 
 

@@ -1,10 +1,13 @@
 """The real stages under the real DVC on tiny data: repro, metrics, selective re-runs, resume after a kill."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import torch
 
 from tests.conftest import run
 
@@ -62,7 +65,6 @@ def test_killed_pretraining_resumes_from_the_saved_step(project):
     proc.wait()
     assert state.exists(), proc.stdout.read()
 
-    import torch
     saved = torch.load(state, weights_only=True)
     assert saved["batch"] == 0 and saved["step"] == saved["epoch"] * 6
     assert 1 <= saved["epoch"] < 4, "the kill came too late to test a resume"
@@ -74,3 +76,13 @@ def test_killed_pretraining_resumes_from_the_saved_step(project):
     assert f"pretrain: epoch {e + 1}/4 loss" in out
     final = json.loads((path / "metrics/pretrain.json").read_text())
     assert final["steps"] == 4 * 6
+
+    # on CPU the resumed run ends exactly where an uninterrupted one does: same weights, queue, metrics
+    resumed = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)
+    shutil.rmtree(path / "checkpoints/pretrain")
+    run([sys.executable, "-m", "stages.pretrain"], path)
+    straight = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)
+    assert resumed["model"].keys() == straight["model"].keys()
+    differ = [k for k in straight["model"] if not torch.equal(resumed["model"][k], straight["model"][k])]
+    assert not differ, f"resumed and uninterrupted runs differ in {differ[:5]}"
+    assert json.loads((path / "metrics/pretrain.json").read_text())["loss"] == final["loss"]

@@ -3,6 +3,7 @@ requeue, re-attaching after a killed `dvc repro`, cancelled jobs and bad setting
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,3 +110,29 @@ def test_bad_slurm_setting_fails_fast_with_slurms_message(project, slurm_cluster
     assert r.returncode != 0
     assert "sbatch refused the job" in r.stderr and message in r.stderr.lower(), r.stderr
     assert time.time() - t0 < 60
+
+
+def test_queued_sweep_runs_as_parallel_cluster_jobs(project, slurm_cluster):
+    path, set_params = project
+    set_params(SLURM | {"pretrain": {"epochs": 2}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "converted data"], path)
+    for seed in (1, 2):
+        run(["dvc", "exp", "run", "--queue", "-n", f"seed{seed}", "-S", f"pretrain.seed={seed}", "pretrain"], path)
+    run(["dvc", "queue", "start", "-j", "2"], path)
+
+    def finished() -> bool:
+        status = run(["dvc", "queue", "status"], path).stdout
+        return "Queued" not in status and "Running" not in status
+
+    wait_for(finished, 600, "the queued experiments")
+    status = run(["dvc", "queue", "status"], path).stdout
+    assert status.count("Success") == 2, status
+    shown = run(["dvc", "exp", "show", "--json"], path).stdout
+    jobs = sorted(set(re.findall(r'"job_id": "(\d+)"', shown)))
+    assert len(jobs) == 2, shown
+    spans = [line.split("|") for line in subprocess.check_output(
+        ["sacct", "-n", "-X", "-P", "-j", ",".join(jobs), "-o", "Start,End"], text=True).split()]
+    (s1, e1), (s2, e2) = spans
+    assert s1 < e2 and s2 < e1, f"the two jobs did not overlap: {spans}"  # ISO timestamps compare as text
