@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import json
+import platform
+import subprocess
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
-from pipeline.checkpoint import atomic_write
+from pipeline.checkpoint import atomic_write, params_hash
 from pipeline.config import ConfigError, Params, load_params
+
+PACKAGES = ("torch", "torchvision", "ffcv", "sal-detectron2", "dvc", "submitit")
 
 
 def write_json(path: str | Path, obj: dict) -> None:
     """Write JSON atomically (temp file + rename), so a metrics file is never half-written."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _git(*args: str) -> str:
+    r = subprocess.run(["git", *args], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def provenance(p: Params, seed: int | None) -> dict:
+    """What produced an output: the code's commit (and whether the work tree differed from it), the hash
+    of all params, package versions, the seed and the world size."""
+    return {"git_commit": _git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "params_hash": params_hash(p.to_dict()), "seed": seed, "world_size": p.world_size,
+            "versions": {"python": platform.python_version()} | {k: _version(k) for k in PACKAGES}}
+
+
+def write_metrics(path: str | Path, metrics: dict, p: Params, seed: int | None, job: dict | None = None) -> None:
+    """A stage's metrics file: its numbers, the job that computed them, and their provenance."""
+    write_json(path, metrics | ({"job": job} if job else {}) | {"provenance": provenance(p, seed)})
 
 
 def run_stage(name: str, main: Callable[[Params], None], params_path: str = "params.yaml") -> None:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline.cli import run_stage, write_json
+from pipeline.cli import run_stage, write_metrics
 from pipeline.config import Params, require_dir
 from pipeline.data.ffcv_io import write_beton
 
@@ -23,7 +23,7 @@ def main(p: Params) -> None:
     if summary["train"]["classes"] != summary["val"]["classes"]:
         raise ValueError(f"data.train_dir has {summary['train']['classes']} classes but data.val_dir has "
                          f"{summary['val']['classes']}")
-    write_json("metrics/ffcv.json", summary)
+    write_metrics("metrics/ffcv.json", summary, p, seed=None)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from pipeline import launch
 from pipeline.checkpoint import params_hash
-from pipeline.cli import run_stage, write_json
+from pipeline.cli import run_stage, write_metrics
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone, resnet
 from pipeline.train.evaluate import knn_top1
@@ -31,7 +31,7 @@ def evaluate(p: Params) -> dict:
 def main(p: Params) -> None:
     metrics, job = launch.run(p, "knn", evaluate, p, identity=params_hash(p.to_dict()), single_task=True)
     print(f"knn: top-1 {metrics['top1']:.2f} (random init {metrics['random_init_top1']:.2f})")
-    write_json("metrics/knn.json", metrics | {"job": job})
+    write_metrics("metrics/knn.json", metrics, p, p.pretrain.seed, job)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline import launch
 from pipeline.checkpoint import params_hash
-from pipeline.cli import run_stage, write_json
+from pipeline.cli import run_stage, write_metrics
 from pipeline.config import Params
 from pipeline.train.pretrain import pretrain, run_identity
 
@@ -18,7 +18,7 @@ def main(p: Params) -> None:
         here / "models/pretrain/checkpoint.pt", here / "checkpoints/pretrain/last.pt", here / "dvclive/pretrain",
         here / "analysis/pretrain", identity=params_hash(run_identity(p)),
     )
-    write_json("metrics/pretrain.json", metrics | {"job": job})
+    write_metrics("metrics/pretrain.json", metrics, p, p.pretrain.seed, job)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from pipeline.detection.c4 import CPU_PRESET, PAPER_PRESETS, build_c4_cfg
+from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.convert import convert_moco_to_d2, save_d2_weights, verify_conversion
 
-SMALL = {**CPU_PRESET, "roi_batch_size": 16, "test_topk": 20}
+SMALL = dict(min_size_train=(128,), max_size_train=160, min_size_test=128, max_size_test=160, roi_batch_size=16,
+             test_topk=20, ims_per_batch=2, precise_bn_iters=4)
 
 
 def random_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -154,7 +155,7 @@ def test_pickle_is_what_detectron2_reads(nets, tmp_path):
 
 
 def test_cfg_follows_moco_configs():
-    cfg = build_c4_cfg(**PAPER_PRESETS["voc_24k"])
+    cfg = build_c4_cfg("resnet50", "voc", 20)  # the defaults are the paper's
     assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.280, 103.530]
     assert cfg.MODEL.PIXEL_STD == [58.395, 57.120, 57.375]
     assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
@@ -165,10 +166,10 @@ def test_cfg_follows_moco_configs():
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == 256
     assert cfg.TEST.PRECISE_BN.ENABLED and not cfg.MODEL.MASK_ON
     assert cfg.MODEL.DEVICE == ("cuda" if torch.cuda.is_available() else "cpu")
-    coco = build_c4_cfg(**PAPER_PRESETS["coco_2x"])
+    coco = build_c4_cfg("resnet50", "coco", 80, max_iter=180_000, steps=(120_000, 160_000))
     assert coco.MODEL.MASK_ON and coco.MODEL.ROI_HEADS.NUM_CLASSES == 80
     assert (coco.SOLVER.MAX_ITER, tuple(coco.SOLVER.STEPS)) == (180_000, (120_000, 160_000))
-    assert tuple(build_c4_cfg(**PAPER_PRESETS["coco_1x"]).SOLVER.STEPS) == (60_000, 80_000)
+    assert tuple(build_c4_cfg("resnet50", "coco", 80).SOLVER.STEPS) == (60_000, 80_000)
     # a short run keeps the schedule's shape
     toy = build_c4_cfg("resnet18", "voc", 3, max_iter=240)
     assert (tuple(toy.SOLVER.STEPS), toy.SOLVER.WARMUP_ITERS) == ((180, 220), 1)

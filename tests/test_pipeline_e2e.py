@@ -15,7 +15,7 @@ from tests.conftest import run
 def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
     path, set_params = project
     run(["dvc", "repro"], path)
-    for name in ("ffcv", "pretrain", "lineval", "knn"):
+    for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):
         assert (path / "metrics" / f"{name}.json").is_file(), name
     lineval = json.loads((path / "metrics/lineval.json").read_text())
     knn = json.loads((path / "metrics/knn.json").read_text())
@@ -26,6 +26,12 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
     assert pretrain["steps"] == 2 * (3 * 16 // 8)  # 2 epochs of 6 full batches
     shown = run(["dvc", "metrics", "show", "--json"], path).stdout
     assert "top1" in shown
+    head = run(["git", "rev-parse", "HEAD"], path).stdout.strip()
+    for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):  # what produced each output
+        prov = json.loads((path / "metrics" / f"{name}.json").read_text())["provenance"]
+        assert prov["git_commit"] == head and prov["world_size"] == 1 and len(prov["params_hash"]) == 16, name
+        assert prov["versions"]["torch"].startswith("2.") and prov["versions"]["ffcv"] != "not installed", name
+    assert torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["provenance"]["seed"] == 0
 
     set_params({"lineval": {"epochs": 3}})
     out = run(["dvc", "repro"], path).stdout
@@ -36,12 +42,12 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
 
 def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
     path, set_params = project
-    run(["dvc", "repro"], path)
+    run(["dvc", "repro", "knn"], path)
     run(["git", "add", "-A"], path)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "moco baseline"], path)
     for method in ("mochi", "synco"):
-        out = run(["dvc", "exp", "run", "-n", method, "-S", f"pretrain.method={method}",
-                   "-S", "pretrain.hard_start_epoch=1"], path).stdout
+        out = run(["dvc", "exp", "run", "-n", method, "-S", f"pretrain.method={method}",  # up to knn: no detection
+                   "-S", "pretrain.hard_start_epoch=1", "knn"], path).stdout
         assert "Running stage 'pretrain'" in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], path).stdout)
     assert "mochi" in json.dumps(shown) and "synco" in json.dumps(shown)

@@ -24,15 +24,6 @@ SCHEDULES = {
     "coco": dict(max_iter=90_000, steps=(60_000, 80_000), warmup_iters=1000,
                  min_size_train=(640, 672, 704, 736, 768, 800)),
 }
-# Full paper presets, as keyword arguments of build_c4_cfg (the MoCo repo ships coco 2x, papers report 1x).
-PAPER_PRESETS = {
-    "voc_24k": dict(arch="resnet50", task="voc", num_classes=20),
-    "coco_1x": dict(arch="resnet50", task="coco", num_classes=80),
-    "coco_2x": dict(arch="resnet50", task="coco", num_classes=80, max_iter=180_000, steps=(120_000, 160_000)),
-}
-# What a CPU can afford (res5 on 512 ROIs costs ~36 s per R50 image there): small images, few ROIs.
-CPU_PRESET = dict(min_size_train=(128,), max_size_train=160, min_size_test=128, max_size_test=160,
-                  roi_batch_size=32, test_topk=100, ims_per_batch=2, precise_bn_iters=4)
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -94,6 +85,7 @@ def build_c4_cfg(
     max_iter = paper["max_iter"] if max_iter is None else max_iter
     scale = max_iter / paper["max_iter"]
     steps = tuple(round(s * scale) for s in paper["steps"]) if steps is None else steps
+    steps = tuple(sorted({s for s in steps if 0 < s < max_iter}))  # a step at or past the end never happens
     warmup_iters = round(paper["warmup_iters"] * scale) if warmup_iters is None else warmup_iters
     depth = DEPTHS[arch]
 

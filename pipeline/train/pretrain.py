@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.analysis import alignment, class_distance_ratio, hardness, uniformity
+from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
@@ -180,6 +181,7 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=pt.momentum,
                                 weight_decay=pt.weight_decay)
     identity = checkpoint.params_hash(run_identity(p))
+    produced_by = provenance(p, pt.seed)
     # progress: the epoch in progress, batches of it done, global step, that epoch's running sums
     epoch0, batch0, step, sums, last = 0, 0, 0, [0.0, 0, 0, 0], {}
     if state_path.is_file():
@@ -198,9 +200,9 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     def save_state(epoch: int, batch: int) -> None:
         if rank == 0:
             checkpoint.save_atomic({
-                "identity": identity, "arch": p.model.arch, "method": pt.method, "epoch": epoch, "batch": batch,
-                "step": step, "sums": sums, "metrics": last, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
+                "identity": identity, "provenance": produced_by, "arch": p.model.arch, "method": pt.method,
+                "epoch": epoch, "batch": batch, "step": step, "sums": sums, "metrics": last,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state(),
             }, state_path)
         if dist.is_initialized():
             dist.barrier()

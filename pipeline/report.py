@@ -1,0 +1,311 @@
+"""One run's results as a markdown report: the MoCHi-paper table next to the published rows, and figures.
+
+Pure functions on the metrics dicts (metrics/*.json) and on the curves the stages log (dvclive TSVs,
+analysis CSVs); stages/report.py writes their output. Figures use matplotlib's object API, which renders
+PNGs with Agg and never touches pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from pipeline.config import Params
+
+# ResNet-50 pretrained on ImageNet-1k, as published in the MoCHi paper (Kalantidis et al., 2020) and the SynCo
+# paper (Giakoumoglou & Stathaki, 2024; reported as gains over MoCo v2 and MoCHi).
+# method, pretraining epochs, linear top-1, VOC AP50 / AP / AP75, COCO APbb / APmk
+PUBLISHED = (
+    ("MoCo v2", 200, "67.5", "82.4 / 57.0 / 63.6", ""),
+    ("MoCHi (128, 1024, 512)", 100, "63.4", "81.1 / 54.7 / 60.9", "37.8 / 33.2"),
+    ("MoCHi (128, 1024, 512)", 200, "66.9", "82.7 / 57.5 / 64.4", "39.2 / 34.3"),
+    ("MoCHi (512, 1024, 512)", 200, "67.6", "82.7 / 57.1 / 64.1", "39.4 / 34.5"),
+    ("MoCHi (128, 1024, 512)", 800, "68.7", "83.3 / 57.3 / 64.2", ""),
+    ("MoCHi (512, 1024, 512)", 1000, "70.6", "83.2 / 58.4 / 65.5", ""),
+    ("SynCo", 200, "MoCo v2 +0.4, MoCHi +1.0", "AP 57.2", "MoCo v2 +1.0 / +0.8"),
+)
+COLUMNS = ("method", "arch", "epochs", "linear top-1", "kNN top-1 (random init)", "VOC AP50 / AP / AP75",
+           "COCO APbb / APmk")
+
+STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+         "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 13, "axes.grid": True,
+         "grid.alpha": 0.3, "savefig.dpi": 150}
+PANEL = (4.6, 3.4)  # inches per subplot
+INIT = {"pretrained": "the pretrained backbone", "random": "a random-init backbone (the control)"}
+
+
+def method_label(p: Params) -> str:
+    """The method as the papers name it, with its hyper-parameters and any loss variant, for the table."""
+    pt = p.pretrain
+    if pt.method == "mochi":
+        label = f"MoCHi ({pt.mochi.n_hard}, {pt.mochi.s}, {pt.mochi.s_prime})"
+    elif pt.method == "synco":
+        label = f"SynCo (N={pt.synco.n_hard}; {'/'.join(str(n) for n in pt.synco.counts)})"
+    else:
+        label = "MoCo v2"
+    if pt.loss == "dcl":
+        label += f" + DCL (tau+={pt.tau_plus:g})"
+    elif pt.loss == "hcl":
+        label += f" + HCL (tau+={pt.tau_plus:g}, beta={pt.beta:g})"
+    if pt.drop_hardest:
+        label += f" + drop {100 * pt.drop_hardest:g}% hardest"
+    return label
+
+
+def _ap(m: dict, key: str, show_std: bool) -> str:
+    return f"{m[key]:.1f} ± {m[key + '_std']:.1f}" if show_std else f"{m[key]:.1f}"
+
+
+def _row(cells: tuple) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def results_table(p: Params, pretrain: dict, lineval: dict, knn: dict, voc: dict, coco: dict) -> str:
+    """Markdown table in the shape of the MoCHi paper's: this run first, then the published rows.
+
+    Detection cells carry mean ± std over trials when there was more than one (the papers' VOC protocol)."""
+    voc_std, coco_std = len(voc["trials"]) > 1, len(coco["trials"]) > 1
+    voc_cell = " / ".join(_ap(voc["bbox"], k, voc_std) for k in ("AP50", "AP", "AP75"))
+    coco_cell = " / ".join(_ap(coco[kind], "AP", coco_std) for kind in ("bbox", "segm"))
+    voc_cell += " (random init)" if voc["init"] == "random" else ""
+    coco_cell += " (random init)" if coco["init"] == "random" else ""
+    ours = (f"**{method_label(p)}** (this run)", f"R-{p.model.arch.removeprefix('resnet')}", pretrain["epochs"],
+            f"{lineval['top1']:.1f}", f"{knn['top1']:.1f} ({knn['random_init_top1']:.1f})", voc_cell, coco_cell)
+    published = [(f"{method} †", "R-50", epochs, linear, "", voc_pub, coco_pub)
+                 for method, epochs, linear, voc_pub, coco_pub in PUBLISHED]
+    return "\n".join([_row(COLUMNS), _row(["---"] * len(COLUMNS)), _row(ours), *map(_row, published)]) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    h, rest = divmod(round(seconds), 3600)
+    return f"{h} h {rest // 60} min" if h else f"{rest // 60} min {rest % 60} s"
+
+
+def _job(name: str, job: dict) -> str:
+    where = f"SLURM job {job['job_id']} ({job['state']})" if job["executor"] == "slurm" else "local"
+    return f"{name}: {where}, {job['hours']:.2f} h, {job['gpu_hours']:.2f} GPU-h"
+
+
+def _provenance(metrics: dict[str, dict]) -> str:
+    """The first `provenance` entry among the metrics (a string, or a dict shown as key: value pairs)."""
+    for m in metrics.values():
+        if "provenance" in m:
+            prov = m["provenance"]
+            return ", ".join(f"{k}: {v}" for k, v in prov.items()) if isinstance(prov, dict) else str(prov)
+    return ""
+
+
+def results_markdown(p: Params, metrics: dict[str, dict], figures: dict[str, str]) -> str:
+    """reports/results.md: title, provenance, the table, run details and the embedded figures.
+
+    metrics: the contents of metrics/{pretrain,lineval,knn,voc,coco}.json by stage name; figures: the
+    {file stem: caption} that write_figures returned."""
+    pre, lin, kn, voc, coco = (metrics[k] for k in ("pretrain", "lineval", "knn", "voc", "coco"))
+    jobs = {name: m["job"] for name, m in metrics.items() if "job" in m}
+    lines = [f"# Results: {method_label(p)} ({p.model.arch}, {pre['epochs']} epochs)", ""]
+    if prov := _provenance(metrics):
+        lines += [f"Provenance: {prov}", ""]
+    lines += [
+        results_table(p, pre, lin, kn, voc, coco),
+        "† Published numbers for ResNet-50 pretrained on ImageNet-1k (MoCHi and SynCo papers); other backbone, data "
+        "and schedule, so not comparable in absolute terms with this run.",
+        "",
+        "## Run details",
+        "",
+        f"- pretraining: {pre['steps']} steps over {pre['epochs']} epochs on {pre['world_size']} process(es), "
+        f"{pre['images_per_s']} images/s, wall time {_duration(pre['seconds'])}",
+        f"- linear eval: top-1 {lin['top1']:.2f}, top-5 {lin['top5']:.2f} after {lin['epochs']} epochs",
+        f"- kNN (k={kn['k']}, T={kn['temperature']:g}): top-1 {kn['top1']:.2f} vs {kn['random_init_top1']:.2f} "
+        f"from random init, gain {kn['gain']:+.2f}",
+        f"- VOC detection: {voc['iterations']} iterations x {len(voc['trials'])} trial(s) from {INIT[voc['init']]}",
+        f"- COCO detection: {coco['iterations']} iterations ({p.detection.coco.schedule} schedule shape) x "
+        f"{len(coco['trials'])} trial(s) from {INIT[coco['init']]}",
+        f"- jobs, {sum(j['gpu_hours'] for j in jobs.values()):.2f} GPU-h in all:",
+        *(f"  - {_job(name, job)}" for name, job in jobs.items()),
+    ]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{caption}](figures/{name}.png)\n" for name, caption in figures.items()]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def read_curve(path: Path) -> tuple[list[float], list[float]] | None:
+    """(dvclive step, value) of a dvclive TSV (step and the metric's column, timestamp if any ignored); None if
+    the file is absent."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    name = path.stem
+    return [float(r["step"]) for r in rows], [float(r[name]) for r in rows]
+
+
+def _by_epoch(path: Path, x: str, y: str) -> dict[int, tuple[list[float], list[float]]]:
+    """A long-format analysis CSV as {epoch: (x values, y values)}; empty if the file is absent."""
+    out: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    if path.is_file():
+        with path.open(newline="") as f:
+            for r in csv.DictReader(f):
+                xs, ys = out[int(r["epoch"])]
+                xs.append(float(r[x]))
+                ys.append(float(r[y]))
+    return dict(sorted(out.items()))
+
+
+def _epochs(steps: list[float]) -> list[float]:
+    """dvclive steps -> 1-based epochs: pretrain and lineval call next_step once per epoch."""
+    return [s + 1 for s in steps]
+
+
+def _markers(xs: list) -> dict:
+    """Point markers while the points can be told apart (a toy run's few epochs), plain lines beyond."""
+    return {"marker": "o", "markersize": 4} if len(xs) <= 40 else {}
+
+
+def _epoch_panels(title: str, panels: list[tuple], out: Path) -> bool:
+    """One figure of per-epoch panels (title, y label, y scale, [(curve, line kwargs)]); a panel whose curves
+    are all missing is left out, and nothing is written when none is left. Up to 3 panels in a row, else 2x2."""
+    panels = [(t, ylabel, yscale, [(c, kw) for c, kw in lines if c]) for t, ylabel, yscale, lines in panels]
+    panels = [panel for panel in panels if panel[3]]
+    if not panels:
+        return False
+    cols = len(panels) if len(panels) <= 3 else 2
+    rows = -(-len(panels) // cols)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows), layout="constrained")
+        fig.suptitle(title)
+        axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+        for ax, (panel_title, ylabel, yscale, lines) in zip(axes, panels, strict=False):
+            for (steps, values), kw in lines:
+                ax.plot(_epochs(steps), values, **_markers(steps), **kw)
+            ax.set(xlabel="epoch", ylabel=ylabel, title=panel_title, yscale=yscale)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if any("label" in kw for _, kw in lines):
+                ax.legend(loc="best")
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
+        fig.savefig(out)
+    return True
+
+
+def _percent(curve: tuple[list[float], list[float]] | None) -> tuple[list[float], list[float]] | None:
+    return curve and (curve[0], [100 * v for v in curve[1]])
+
+
+def plot_training(live: Path, out: Path) -> bool:
+    """(a) loss, proxy-task accuracy and lr per epoch: is the contrastive task being learned, on schedule?
+
+    The with-synthetic curve is drawn only where it differs from the plain one (plain MoCo logs the same)."""
+    loss, plain, synthetic, lr = (read_curve(live / "plots/metrics/train" / f"{name}.tsv")
+                                  for name in ("loss", "proxy_acc", "proxy_acc_with_synthetic", "lr"))
+    if synthetic == plain:
+        synthetic = None
+    return _epoch_panels("Pretraining (epoch means)", [
+        ("Contrastive loss", "loss", "linear", [(loss, {})]),
+        ("Proxy-task accuracy", "positive ranked first (%)", "linear",
+         [(_percent(plain), {"label": "vs real negatives"}),
+          (_percent(synthetic), {"label": "vs real + synthetic negatives", "linestyle": "--"})]),
+        ("Learning rate", "learning rate", "linear", [(lr, {"color": "tab:green"})]),
+    ], out)
+
+
+def plot_analysis(live: Path, out: Path) -> bool:
+    """(b) the papers' val-set analyses per analysed epoch: how the embedding's geometry evolves."""
+    alignment, uniformity, val_acc, ratio = (read_curve(live / "plots/metrics/analysis" / f"{name}.tsv")
+                                             for name in ("alignment", "uniformity", "val_proxy_acc",
+                                                          "class_distance_ratio"))
+    style = {"color": "tab:purple"}
+    return _epoch_panels("Val-set analyses", [
+        ("Alignment (lower = better)", r"$\mathbb{E}\,\|f(x) - f(x^+)\|^2$", "linear", [(alignment, style)]),
+        ("Uniformity (lower = better)", r"$\log\,\mathbb{E}\,\exp(-2\|f(x) - f(y)\|^2)$", "linear",
+         [(uniformity, style)]),
+        ("Val proxy-task accuracy", "positive ranked first (%)", "linear", [(_percent(val_acc), style)]),
+        ("Class-distance ratio (higher = better)", "inter / intra distance", "linear", [(ratio, style)]),
+    ], out)
+
+
+MAX_EPOCHS_SHOWN = 6  # epochs per hardness / histogram figure: more cannot be told apart
+
+
+def _some_epochs(per_epoch: dict) -> tuple[dict, str]:
+    """At most MAX_EPOCHS_SHOWN analysed epochs, evenly spread, first and last kept; and a title note if thinned."""
+    epochs = list(per_epoch)
+    if len(epochs) <= MAX_EPOCHS_SHOWN:
+        return per_epoch, ""
+    keep = sorted({epochs[round(i * (len(epochs) - 1) / (MAX_EPOCHS_SHOWN - 1))] for i in range(MAX_EPOCHS_SHOWN)})
+    return {e: per_epoch[e] for e in keep}, f"{len(keep)} of {len(epochs)} analysed epochs"
+
+
+def _epoch_colors(n: int) -> list:
+    """Early epochs dark, late ones light (viridis, its hard-to-see yellow end left out)."""
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_hardness(analysis: Path, out: Path) -> bool:
+    """(c) the MoCHi/SynCo hardness figure: sorted top queue probabilities per epoch; mass moving to the
+    first ranks means fewer, harder negatives carry the loss."""
+    curves, note = _some_epochs(_by_epoch(analysis / "hardness.csv", "rank", "probability"))
+    if not curves:
+        return False
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(7.6, 4.4), layout="constrained")
+        ax = fig.subplots()
+        for (epoch, (ranks, probs)), color in zip(curves.items(), _epoch_colors(len(curves)), strict=True):
+            ax.plot(ranks, probs, color=color, linewidth=1.8, label=f"epoch {epoch}")
+        ax.set(yscale="log", xlabel="rank of the negative in the queue (1 = hardest)",
+               ylabel="matching probability (softmax, log scale)",
+               title="Hardness: sorted top queue probabilities (val)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), title=note or None)  # outside: never over a curve
+        fig.savefig(out)
+    return True
+
+
+def plot_class_ratio(analysis: Path, out: Path) -> bool:
+    """(d) histogram of per-sample inter/intra class distance, one panel per epoch on a shared x axis:
+    mass moving right of 1 = classes separating."""
+    hists, note = _some_epochs(_by_epoch(analysis / "class_distance_ratio.csv", "ratio", "count"))
+    if not hists:
+        return False
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(6.4, 1.2 + 1.4 * len(hists)), layout="constrained")
+        fig.suptitle("Class-distance ratio per val sample" + (f"\n({note})" if note else ""))
+        axes = fig.subplots(len(hists), 1, sharex=True, squeeze=False)[:, 0]
+        for ax, (epoch, (centres, counts)), color in zip(axes, hists.items(), _epoch_colors(len(hists)), strict=True):
+            half = (centres[1] - centres[0]) / 2 if len(centres) > 1 else 0.005
+            ax.stairs(counts, [c - half for c in centres] + [centres[-1] + half], color=color, fill=True, alpha=0.8)
+            ax.axvline(1.0, color="0.3", linestyle=":", linewidth=1.2)
+            ax.set_title(f"epoch {epoch}", loc="right", fontsize=10, pad=3)
+            ax.set_ylabel("samples")
+        axes[-1].set_xlabel("inter / intra class distance (dotted: 1 = no separation)")
+        fig.savefig(out)
+    return True
+
+
+def plot_lineval(live: Path, out: Path) -> bool:
+    """(e) linear-eval training loss and val top-1 per epoch: did the linear probe converge?"""
+    loss, top1 = (read_curve(live / "plots/metrics/lineval" / f"{name}.tsv") for name in ("train_loss", "val_top1"))
+    return _epoch_panels("Linear evaluation (frozen backbone)", [
+        ("Training loss", "cross-entropy (log scale)", "log", [(loss, {})]),
+        ("Val top-1", "top-1 (%)", "linear", [(top1, {"color": "tab:orange"})]),
+    ], out)
+
+
+def write_figures(root: Path, out_dir: Path) -> dict[str, str]:
+    """Every figure whose inputs exist under `root` (a run's dvclive/ and analysis/) as out_dir/<name>.png;
+    returns {name: caption} of those written, so a missing optional input is skipped, not an error."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pretrain, lineval, analysis = root / "dvclive/pretrain", root / "dvclive/lineval", root / "analysis/pretrain"
+    figures = (
+        ("training", "Pretraining curves", plot_training, pretrain),
+        ("analysis", "Val-set analyses", plot_analysis, pretrain),
+        ("hardness", "Hardness of the queue's negatives", plot_hardness, analysis),
+        ("class_distance_ratio", "Class-distance ratio histograms", plot_class_ratio, analysis),
+        ("lineval", "Linear-evaluation curves", plot_lineval, lineval),
+    )
+    return {name: caption for name, caption, plot, src in figures if plot(src, out_dir / f"{name}.png")}

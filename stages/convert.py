@@ -1,0 +1,39 @@
+"""DVC stage convert: the pretrained backbone -> detectron2 weights (models/detection/backbone.pkl).
+
+The source is this pipeline's pretraining checkpoint, an official MoCo checkpoint (detection.checkpoint),
+or, for the control run (detection.init: random), the same architecture randomly initialised. The
+weights are loaded into the C4 detector before they are written: a backbone tensor left unmatched fails
+the stage, naming the keys."""
+
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.cli import run_stage
+from pipeline.config import Params
+from pipeline.detection.c4 import build_c4_cfg
+from pipeline.detection.convert import convert_moco_to_d2, save_d2_weights, verify_conversion
+from pipeline.models.backbone import backbone_state_from_checkpoint, resnet
+
+OUT = Path("models/detection/backbone.pkl")
+
+
+def main(p: Params) -> None:
+    d = p.detection
+    if d.init == "random":
+        torch.manual_seed(p.pretrain.seed)  # the same random backbone as the kNN control
+        state, source = resnet(p.model.arch).state_dict(), f"random-init {p.model.arch}"
+    else:
+        src = Path(d.checkpoint or "models/pretrain/checkpoint.pt")
+        if not src.is_file():
+            raise FileNotFoundError(f"detection.checkpoint = {d.checkpoint!r}: file not found: {src}")
+        state, source = backbone_state_from_checkpoint(checkpoint.load(src)), str(src)
+    weights = convert_moco_to_d2(state, p.model.arch)
+    verify_conversion(weights, build_c4_cfg(p.model.arch, "voc", num_classes=1, device="cpu"))
+    save_d2_weights(weights, OUT)
+    print(f"convert: {len(weights)} tensors of {source} -> {OUT} (every backbone and res5 tensor matched)")
+
+
+if __name__ == "__main__":
+    run_stage("convert", main)
