@@ -130,11 +130,12 @@ class KnnParams:
 
 @dataclass
 class ToyDetectionParams:
-    """The built-in toy detection set: textured objects on clutter, written as VOCdevkit and as COCO."""
+    """The built-in toy detection set: objects filled with the toy textures on soft backgrounds, written as
+    VOCdevkit and as COCO (pipeline/data/toy_detection.py)."""
 
     classes: int = _f(4, min=1, max=15)
-    train_images: int = _f(128, min=2)  # split between VOC2007 and VOC2012 trainval; all of COCO train2017
-    test_images: int = _f(48, min=1)  # VOC2007 test and COCO val2017
+    train_images: int = _f(128, min=4)  # split between VOC2007 and VOC2012 trainval; all of COCO train2017
+    test_images: int = _f(48, min=2)  # VOC2007 test and COCO val2017
     size: int = _f(128, min=32)
     seed: int = _f(0, min=0)
 
@@ -308,6 +309,10 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(f"params: pretrain.method = {pt.method} with no synthetic negatives (all counts 0)")
     _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
     _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
+    toy = p.detection.toy
+    if min(toy.train_images, toy.test_images) < toy.classes:
+        raise ConfigError(f"params: detection.toy.train_images and test_images must be >= detection.toy.classes = "
+                          f"{toy.classes}, so that every class is in every split")
     for task in ("voc", "coco"):
         run = getattr(p.detection, task)
         key = f"detection.{task}"

@@ -1,5 +1,5 @@
-"""The pretrain stage as SLURM jobs on the real one-node cluster (no mocks): 2-task DDP, preemption and
-requeue, re-attaching after a killed `dvc repro`, cancelled jobs and bad settings."""
+"""The stages as SLURM jobs on the real one-node cluster (no mocks): 2-task DDP pretraining and detection,
+preemption and requeue, re-attaching after a killed `dvc repro`, cancelled jobs, bad settings, sweeps."""
 
 import json
 import os
@@ -55,6 +55,9 @@ def test_dvc_repro_runs_two_task_ddp_pretraining_and_evaluation_on_slurm(project
     for stage in ("lineval", "knn"):  # one-task jobs through the same launcher
         job = json.loads((path / f"metrics/{stage}.json").read_text())["job"]
         assert job["executor"] == "slurm" and job["state"] == "COMPLETED", stage
+    for task in ("voc", "coco"):  # detectron2 fine-tuning as 2-task DDP jobs (gloo, naiveSyncBN)
+        m = json.loads((path / f"metrics/{task}.json").read_text())
+        assert m["world_size"] == 2 and m["job"]["state"] == "COMPLETED" and 0 <= m["bbox"]["AP50"] <= 100, task
     metrics = json.loads((path / "metrics/pretrain.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["job"]["executor"] == "slurm" and metrics["job"]["state"] == "COMPLETED"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
@@ -145,8 +145,7 @@ def _register(p: Params, task: str) -> tuple[list[str], str, int]:
     for split in (c.train_split, c.test_split):
         check_coco(root, split)
     train, test = register_coco(root, c.train_split), register_coco(root, c.test_split)
-    DatasetCatalog.get(test)  # loading sets thing_classes; COCO splits share their categories
-    return [train], test, len(MetadataCatalog.get(test).thing_classes)
+    return [train], test, len(MetadataCatalog.get(test).thing_classes)  # COCO splits share their categories
 
 
 def _prepare(out: Path, identity: str) -> None:
