@@ -4,24 +4,31 @@ same MoCo v2 aug+, the same JPEGs, resolution and number of workers.
 Both loaders are warmed up by one full epoch, then timed epochs alternate between them (fair when other
 jobs share the CPU); an epoch is timed until both augmented views of every batch exist.
 
-    python bench/loader.py [--data DIR] [--res 64] [--batch-size 128] [--workers 2] [--epochs 3]
+Peak memory: each loader then runs alone in a fresh process (spawned, so neither inherits the other's
+memory): build, one warm-up epoch, one epoch, while this process samples the RSS summed over that
+process and its workers every 10 ms. Reported: the high-water mark over the whole run (numba's JIT of the
+ffcv pipeline included) and over the epoch after the warm-up, and the tree's PSS at the end of that
+epoch (RSS sums count the pages forked DataLoader workers share with their parent once per worker).
+
+    python -m bench.loader [--data DIR] [--res 64] [--batch-size 128] [--workers 2] [--epochs 3]
+    (or python bench/loader.py; ends with a RESULT {json} line)
 """
 
 import argparse
-import resource
+import multiprocessing as mp
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/loader.py` from the repo root
+from bench.common import TreeRSS, result  # noqa: E402
 from pipeline.data.augment import IMAGENET_MEAN, IMAGENET_STD, AugParams, blur_kernel_size  # noqa: E402
 from pipeline.data.ffcv_io import TwoViewLoader, write_beton  # noqa: E402
 
@@ -76,6 +83,44 @@ def timed_epoch(loader, epoch: int) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def build(name: str, data: Path, beton: Path, res: int, batch_size: int, workers: int, aug: AugParams):
+    if name == "ffcv":
+        return TwoViewLoader(beton, batch_size, res, aug, workers, seed=0)
+    return torchvision_loader(data, res, batch_size, workers, aug)
+
+
+def memory_probe(name: str, data: Path, beton: Path, res: int, batch_size: int, workers: int, conn) -> None:
+    """Runs in its own process: one loader built, warmed up, and run for an epoch, telling the parent
+    (which samples this process tree) when each step ends."""
+    conn.send("imported")
+    loader = build(name, data, beton, res, batch_size, workers, AugParams())
+    timed_epoch(loader, 0)
+    conn.send("warm")
+    timed_epoch(loader, 1)
+    conn.send("done")
+    conn.recv()  # the parent has read the PSS: the workers may go
+
+
+def peak_memory(name: str, data: Path, beton: Path, args: argparse.Namespace) -> dict:
+    """Peak RSS (MiB) of `name`'s loader process tree: imports only, whole run, steady epoch; PSS at the end."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=memory_probe, args=(name, data, beton, args.res, args.batch_size, args.workers,
+                                                  there))
+    proc.start()
+    with TreeRSS(proc.pid) as rss:
+        rss.phase = "imports"
+        for phase in ("warm-up", "epoch", "end"):  # what the probe does until its next message
+            here.recv()
+            rss.phase = phase
+        pss = rss.pss_mib()
+    here.send("exit")
+    proc.join()
+    peak = rss.peak_mib
+    return {"baseline_rss_mib": round(peak["imports"]), "peak_rss_mib": round(max(peak["warm-up"], peak["epoch"])),
+            "epoch_peak_rss_mib": round(peak["epoch"]), "end_pss_mib": round(pss)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="ImageFolder dir (default: ~1000 generated 96x96 JPEGs)")
@@ -105,16 +150,24 @@ def main() -> None:
                 totals[name][1] += s
                 print(f"  epoch {epoch} {name:12s} {n / s:8.0f} images/s")
 
-        workers_uss = [c.memory_full_info().uss / 2**20 for c in psutil.Process().children()
-                       if "resource_tracker" not in " ".join(c.cmdline())]  # private memory of the workers
+        del tv, ffcv  # the DataLoader's workers exit before the memory probes run
+        memory = {name: peak_memory(name, data, beton, args) for name in ("ffcv", "torchvision")}
 
     rate = {name: n / s for name, (n, s) in totals.items()}
     print(f"TwoViewLoader (ffcv)        {rate['ffcv']:8.0f} images/s (2 views each)")
     print(f"torchvision DataLoader      {rate['torchvision']:8.0f} images/s (2 views each)")
     print(f"ratio                       {rate['ffcv'] / rate['torchvision']:8.2f}x")
-    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"memory: main process peak RSS {main_rss:.0f} MiB (torch, the ffcv loader, the DataLoader's consumer); "
-          f"DataLoader workers {' + '.join(f'{m:.0f}' for m in workers_uss)} MiB private (USS)")
+    print("memory, MiB, the loader's process + its workers, each loader alone in a fresh process "
+          "(imports alone: baseline):")
+    print(f"  {'loader':12s} {'baseline RSS':>12s} {'peak RSS':>9s} {'epoch peak RSS':>15s} {'PSS at end':>11s}")
+    for name, m in memory.items():
+        print(f"  {name:12s} {m['baseline_rss_mib']:12d} {m['peak_rss_mib']:9d} {m['epoch_peak_rss_mib']:15d} "
+              f"{m['end_pss_mib']:11d}")
+    peak_ratio = memory["ffcv"]["peak_rss_mib"] / memory["torchvision"]["peak_rss_mib"]
+    print(f"peak RSS ratio ffcv / torchvision {peak_ratio:.2f}x")
+    result("loader", images_per_s={k: round(v, 1) for k, v in rate.items()},
+           ratio=round(rate["ffcv"] / rate["torchvision"], 3), memory=memory, peak_rss_ratio=round(peak_ratio, 3),
+           res=args.res, batch_size=args.batch_size, workers=args.workers, epochs=args.epochs)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ One row per method: the contrastive head of one training step on fixed unit feat
 q @ queue.T, the synthesis, the extra logits and the loss; "fwd+bwd" adds the backward pass to q.
 Median of repeats after warm-up, the methods taken in turn within every repeat so that load from other
 processes hits them alike; ratios are to the MoCo row (q @ queue.T, cat, cross-entropy) of the same
-run. On CUDA, "peak MiB" is the peak allocated memory of a fwd+bwd step.
+run. On CUDA, "peak MiB" is the peak allocated memory of a fwd+bwd step. Ends with a RESULT {json} line.
 """
 
 import argparse
@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.common import result
 from pipeline.losses import dcl, drop_hardest, hcl, infonce
 from pipeline.models.negatives import mochi, synco, synthetic_logits
 
@@ -107,10 +108,14 @@ def main() -> None:
           f"median of {repeats} after {warmup} warm-up")
     print("| method | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|")
+    rows = {}
     for name in METHODS:
         f, b = statistics.median(fwd[name]), statistics.median(both[name])
         f_ratio, b_ratio = f / statistics.median(fwd[base]), b / statistics.median(both[base])
         print(f"| {name} | {f * 1e3:.1f} | {f_ratio:.2f} | {b * 1e3:.1f} | {b_ratio:.2f} | {peak[name]} |")
+        rows[name] = {"fwd_ms": round(f * 1e3, 2), "fwd_ratio": round(f_ratio, 3), "fwd_bwd_ms": round(b * 1e3, 2),
+                      "fwd_bwd_ratio": round(b_ratio, 3)}
+    result("negatives", device=where, B=B, K=K, D=D, repeats=repeats, rows=rows)
 
 
 if __name__ == "__main__":

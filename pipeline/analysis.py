@@ -40,3 +40,18 @@ def class_distance_ratio(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     intra = (d * same).sum(1) / same.sum(1).clamp(min=1)  # [N]
     inter = (d * diff).sum(1) / diff.sum(1).clamp(min=1)  # [N]
     return (inter / intra)[keep]  # [N']
+
+
+def false_negatives_by_rank(l_neg: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor,
+                            top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How often each query's r-th hardest queue negative is of the query's own class (a false negative).
+
+    l_neg [B, K] = q.queue, labels [B], queue_labels [K] (-1 = slot without a label yet). Returns
+    (same [top], seen [top]): per rank r (0 = hardest), the count of same-class negatives and of labelled
+    ones over the batch; summed over an epoch, same / seen is the false-negative share by rank that
+    "drop the hardest" and the hard-negative methods bet on."""
+    idx = l_neg.topk(min(top, l_neg.shape[1]), dim=1).indices  # [B, top]
+    neg_labels = queue_labels[idx]  # [B, top]
+    seen = neg_labels >= 0  # [B, top]
+    same = seen & (neg_labels == labels[:, None])  # [B, top]
+    return same.sum(0), seen.sum(0)  # [top], [top]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,23 @@ def load(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable weights-only checkpoint ({type(e).__name__}: {e})") from None
+
+
+def require_writable(path: str | Path, need_bytes: int) -> None:
+    """Fail before hours of work, not at the first save: `path`'s directory must be creatable, writable and
+    have `need_bytes` free."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(f"{folder}: cannot write checkpoints there ({e.strerror or e})") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise OSError(f"{folder}: needs ~{need_bytes / 1e9:.1f} GB free for checkpoints, {free / 1e9:.1f} GB available")
 
 
 def rng_state() -> dict:

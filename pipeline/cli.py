@@ -48,9 +48,10 @@ def write_metrics(path: str | Path, metrics: dict, p: Params, seed: int | None, 
 
 
 def run_stage(name: str, main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
-    """Load and validate params, run `main`; bad input ends the stage with one line and exit code 2."""
+    """Load and validate params, run `main`; bad input, an unwritable or full disk and a diverged run end the
+    stage with one line and exit code 2."""
     try:
         main(load_params(params_path))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, OSError, ValueError, FloatingPointError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)

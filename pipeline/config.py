@@ -151,8 +151,8 @@ class DetectionRunParams:
     max_size_train: int = _f(160, min=16)
     min_size_test: int = _f(128, min=16)
     max_size_test: int = _f(160, min=16)
-    roi_batch_size: int = _f(32, min=1)  # ROIs per image for the head (paper: 512)
-    test_topk: int = _f(100, min=1)  # proposals kept per test image (paper: 1000)
+    roi_batch_size: int = _f(16, min=1)  # ROIs per image for the head (paper: 512; the CPU cost is ~linear in it)
+    test_topk: int = _f(50, min=1)  # proposals kept per test image (paper: 1000)
     precise_bn_iters: int = _f(4, min=0)  # paper: 200
     checkpoint_period: int = _f(50, min=1)  # iterations between detectron2 checkpoints (resume points)
     trials: int = _f(1, min=1)  # independent runs with seeds seed..seed+trials-1 (papers: 5 on VOC)

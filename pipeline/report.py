@@ -247,23 +247,35 @@ def _epoch_colors(n: int) -> list:
     return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def plot_hardness(analysis: Path, out: Path) -> bool:
-    """(c) the MoCHi/SynCo hardness figure: sorted top queue probabilities per epoch; mass moving to the
-    first ranks means fewer, harder negatives carry the loss."""
-    curves, note = _some_epochs(_by_epoch(analysis / "hardness.csv", "rank", "probability"))
+def _plot_by_rank(csv: Path, column: str, yscale: str, ylabel: str, title: str, out: Path) -> bool:
+    """One curve per analysed epoch of `column` against the rank of the queue negative (1 = hardest)."""
+    curves, note = _some_epochs(_by_epoch(csv, "rank", column))
     if not curves:
         return False
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(7.6, 4.4), layout="constrained")
         ax = fig.subplots()
-        for (epoch, (ranks, probs)), color in zip(curves.items(), _epoch_colors(len(curves)), strict=True):
-            ax.plot(ranks, probs, color=color, linewidth=1.8, label=f"epoch {epoch}")
-        ax.set(yscale="log", xlabel="rank of the negative in the queue (1 = hardest)",
-               ylabel="matching probability (softmax, log scale)",
-               title="Hardness: sorted top queue probabilities (val)")
+        for (epoch, (ranks, values)), color in zip(curves.items(), _epoch_colors(len(curves)), strict=True):
+            ax.plot(ranks, values, color=color, linewidth=1.8, label=f"epoch {epoch}")
+        ax.set(xscale="log", yscale=yscale, xlabel="rank of the negative in the queue (1 = hardest, log scale)",
+               ylabel=ylabel, title=title)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), title=note or None)  # outside: never over a curve
         fig.savefig(out)
     return True
+
+
+def plot_hardness(analysis: Path, out: Path) -> bool:
+    """(c) the MoCHi/SynCo hardness figure: sorted top queue probabilities per epoch; mass moving to the
+    first ranks means fewer, harder negatives carry the loss."""
+    return _plot_by_rank(analysis / "hardness.csv", "probability", "log", "matching probability (softmax, log scale)",
+                         "Hardness: sorted top queue probabilities (val)", out)
+
+
+def plot_false_negatives(analysis: Path, out: Path) -> bool:
+    """(f) share of same-class keys among each val query's r-th hardest negatives: how many of the
+    hardest negatives, which the hard-negative methods mix and reweight, are really false negatives."""
+    return _plot_by_rank(analysis / "false_negatives.csv", "same_class_share", "linear",
+                         "share of the query's own class", "False negatives by hardness rank (val)", out)
 
 
 def plot_class_ratio(analysis: Path, out: Path) -> bool:
@@ -306,6 +318,7 @@ def write_figures(root: Path, out_dir: Path) -> dict[str, str]:
         ("analysis", "Val-set analyses", plot_analysis, pretrain),
         ("hardness", "Hardness of the queue's negatives", plot_hardness, analysis),
         ("class_distance_ratio", "Class-distance ratio histograms", plot_class_ratio, analysis),
+        ("false_negatives", "Same-class (false) negatives by hardness rank", plot_false_negatives, analysis),
         ("lineval", "Linear-evaluation curves", plot_lineval, lineval),
     )
     return {name: caption for name, caption, plot, src in figures if plot(src, out_dir / f"{name}.png")}

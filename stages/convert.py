@@ -28,7 +28,7 @@ def main(p: Params) -> None:
         src = Path(d.checkpoint or "models/pretrain/checkpoint.pt")
         if not src.is_file():
             raise FileNotFoundError(f"detection.checkpoint = {d.checkpoint!r}: file not found: {src}")
-        state, source = backbone_state_from_checkpoint(checkpoint.load(src)), str(src)
+        state, source = backbone_state_from_checkpoint(checkpoint.load(src), src), str(src)
     weights = convert_moco_to_d2(state, p.model.arch)
     verify_conversion(weights, build_c4_cfg(p.model.arch, "voc", num_classes=1, device="cpu"))
     save_d2_weights(weights, OUT)

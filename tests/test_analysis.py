@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.analysis import alignment, class_distance_ratio, hardness, uniformity
+from pipeline.analysis import alignment, class_distance_ratio, false_negatives_by_rank, hardness, uniformity
 
 
 def test_alignment_and_uniformity_match_loops():
@@ -41,3 +41,20 @@ def test_class_distance_ratio_matches_loop_and_drops_singletons():
         if intra:
             ref.append((sum(inter) / len(inter)) / (sum(intra) / len(intra)))
     assert torch.allclose(r, torch.tensor(ref), rtol=1e-4)
+
+
+def test_false_negatives_by_rank_matches_loop_reference():
+    torch.manual_seed(0)
+    B, K, top = 6, 20, 5
+    l_neg = torch.randn(B, K)
+    labels = torch.randint(0, 3, (B,))
+    queue_labels = torch.randint(-1, 3, (K,))  # some slots not filled yet
+    same, seen = false_negatives_by_rank(l_neg, labels, queue_labels, top)
+    ref_same, ref_seen = [0] * top, [0] * top
+    for b in range(B):
+        order = sorted(range(K), key=lambda j: -l_neg[b, j].item())[:top]
+        for r, j in enumerate(order):
+            if queue_labels[j] >= 0:
+                ref_seen[r] += 1
+                ref_same[r] += int(queue_labels[j] == labels[b])
+    assert same.tolist() == ref_same and seen.tolist() == ref_seen

@@ -31,9 +31,10 @@ def test_step_loss_and_queue_update_match_loop_reference():
         ref = ref - torch.log_softmax(logits, dim=0)[0]
     ref = ref / 4
     assert torch.allclose(infonce(out["l_pos"], out["l_neg"], 0.2), ref, atol=1e-5)
-    # enqueue: rows 0..3 replaced by k, the rest untouched, pointer advanced
-    model.dequeue_and_enqueue(k)
+    # enqueue: rows 0..3 replaced by k (and their labels kept for the analyses), the rest untouched, pointer advanced
+    model.dequeue_and_enqueue(k, torch.tensor([3, 1, 4, 1]))
     assert torch.equal(model.queue[:4], k)
+    assert model.queue_labels.tolist() == [3, 1, 4, 1] + [-1] * 12
     assert torch.equal(model.queue[4:], queue_before[4:])
     assert int(model.queue_ptr) == 4
     for _ in range(3):

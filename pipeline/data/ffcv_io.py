@@ -60,13 +60,19 @@ class CorruptImageError(ValueError):
 # ---- writing ------------------------------------------------------------------------------------------
 
 
-def _list_image_folder(image_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Classes sorted by name and (path, label) pairs, as torchvision's ImageFolder."""
+def class_folders(image_dir: Path) -> list[str]:
+    """The class folder names, sorted as torchvision's ImageFolder: their order is the label order."""
     if not image_dir.is_dir():
         raise ValueError(f"image folder not found: {image_dir}")
     classes = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"no class folders in {image_dir} (expected {image_dir}/<class>/<image>)")
+    return classes
+
+
+def _list_image_folder(image_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes sorted by name and (path, label) pairs, as torchvision's ImageFolder."""
+    classes = class_folders(image_dir)
     samples = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (image_dir / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)

@@ -62,19 +62,20 @@ def resnet(arch: str, bn_splits: int = 1) -> nn.Module:
     return net
 
 
-def backbone_state_from_checkpoint(ckpt: dict) -> dict:
+def backbone_state_from_checkpoint(ckpt: dict, source: str | Path) -> dict:
     """The query encoder's backbone weights (torchvision names, no fc) from this project's checkpoint
-    (`{"model": MoCo state_dict, ...}`) or from an official MoCo one (`{"state_dict": {"module.encoder_q.*"}}`)."""
+    (`{"model": MoCo state_dict, ...}`) or from an official MoCo one (`{"state_dict": {"module.encoder_q.*"}}`);
+    errors name `source`, the file it came from."""
     if "model" in ckpt and isinstance(ckpt["model"], dict):
         state, prefix = ckpt["model"], "encoder_q."
     elif "state_dict" in ckpt:
         state, prefix = ckpt["state_dict"], "module.encoder_q."
     else:
-        raise ValueError(f"not a MoCo checkpoint: top-level keys {sorted(ckpt)[:8]}")
+        raise ValueError(f"{source}: not a MoCo checkpoint: top-level keys {sorted(ckpt)[:8]}")
     out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     out = {k: v for k, v in out.items() if not k.startswith("fc.")}
     if not out:
-        raise ValueError(f"no '{prefix}*' backbone keys in checkpoint")
+        raise ValueError(f"{source}: no '{prefix}*' backbone keys in the checkpoint")
     return out
 
 
@@ -83,7 +84,7 @@ def load_backbone(path: str | Path, arch: str) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = backbone_state_from_checkpoint(checkpoint.load(path))
+    state = backbone_state_from_checkpoint(checkpoint.load(path), path)
     net = resnet(arch)
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))

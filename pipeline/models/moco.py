@@ -53,6 +53,9 @@ class MoCo(nn.Module):
             p.requires_grad = False
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))  # [K, dim]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # class of each queued key where labels are known (-1: none): for the false-negative analysis only,
+        # never seen by the loss
+        self.register_buffer("queue_labels", torch.full((K,), -1, dtype=torch.long))  # [K]
 
     @torch.no_grad()
     def momentum_update_key_encoder(self) -> None:
@@ -61,14 +64,16 @@ class MoCo(nn.Module):
             p_k.mul_(self.m).add_(p_q.detach(), alpha=1 - self.m)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, k: torch.Tensor) -> None:
-        """Replace the oldest keys by this step's keys from all ranks; K is a multiple of the global batch."""
+    def dequeue_and_enqueue(self, k: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Replace the oldest keys by this step's keys from all ranks; K is a multiple of the global batch.
+        labels [B] (optional): the keys' classes, kept beside the queue for the analyses."""
         k = concat_all_gather(k)  # [B_global, dim]
         B = k.shape[0]
         ptr = int(self.queue_ptr)
         if self.K % B:
             raise ValueError(f"queue size K={self.K} must be a multiple of the global batch {B}")
         self.queue[ptr:ptr + B] = k
+        self.queue_labels[ptr:ptr + B] = -1 if labels is None else concat_all_gather(labels.to(k.device))  # [B_global]
         self.queue_ptr[0] = (ptr + B) % self.K
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.analysis import alignment, class_distance_ratio, hardness, uniformity
+from pipeline.analysis import alignment, class_distance_ratio, false_negatives_by_rank, hardness, uniformity
 from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
@@ -74,28 +74,36 @@ def step_loss(out: dict, queue: torch.Tensor, pt: PretrainParams, epoch: int, qu
 @torch.no_grad()
 def analyze(model: MoCo, val_loader: TwoViewLoader, T: float) -> dict:
     """The paper analyses on the validation set, in eval mode: alignment and uniformity of the two views'
-    query features, class-distance ratios, sorted top-1024 queue probabilities, val proxy accuracy."""
+    query features, class-distance ratios, sorted top-1024 queue probabilities, val proxy accuracy, and
+    the share of same-class (false) negatives by hardness rank among the queue's labelled keys."""
     model.eval()
-    qs, ks, labels, hard_sum, hits = [], [], [], 0.0, 0
+    qs, ks, labels, hard_sum, hits, same, seen = [], [], [], 0.0, 0, 0, 0
     for x1, x2, y in val_loader:
         q = F.normalize(model.encoder_q(x1), dim=1)  # [B, D]
         k = F.normalize(model.encoder_k(x2), dim=1)  # [B, D]
         l_pos, l_neg = (q * k).sum(dim=1), q @ model.queue.T  # [B], [B, K]
         hard_sum = hard_sum + hardness(l_pos, l_neg, T) * len(y)  # [1024]
         hits += int((l_pos > l_neg.max(dim=1).values).sum())
+        s, n = false_negatives_by_rank(l_neg, y, model.queue_labels, top=1024)  # [top], [top]
+        same, seen = same + s, seen + n
         qs.append(q), ks.append(F.normalize(model.encoder_q(x2), dim=1)), labels.append(y)
     q, q2, y = torch.cat(qs), torch.cat(ks), torch.cat(labels)  # [N, D], [N, D], [N]
     ratio = class_distance_ratio(q, y)  # [N']
     return {"alignment": alignment(q, q2), "uniformity": uniformity(q), "class_distance_ratio": ratio.mean().item(),
-            "val_proxy_acc": hits / len(y), "hardness": (hard_sum / len(y)).tolist(), "ratios": ratio.tolist()}
+            "val_proxy_acc": hits / len(y), "hardness": (hard_sum / len(y)).tolist(), "ratios": ratio.tolist(),
+            "false_negatives": (same / seen.clamp(min=1)).tolist(),
+            "false_negatives_top10": (same[:10].sum() / seen[:10].sum().clamp(min=1)).item()}
 
 
 def write_analysis_tables(a: dict, epoch: int, out_dir: Path) -> None:
-    """Append this epoch's hardness curve and class-ratio histogram as long-format CSVs (DVC plots)."""
+    """Append this epoch's hardness curve, class-ratio histogram and false-negative shares by rank as
+    long-format CSVs (DVC plots)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, header, rows in (
         ("hardness.csv", "rank,probability,epoch", [f"{r + 1},{v:.6g},{epoch}" for r, v in enumerate(a["hardness"])]),
         ("class_distance_ratio.csv", "ratio,count,epoch", _histogram_rows(a["ratios"], epoch)),
+        ("false_negatives.csv", "rank,same_class_share,epoch",
+         [f"{r + 1},{v:.4f},{epoch}" for r, v in enumerate(a["false_negatives"])]),
     ):
         path = out_dir / name
         new = not path.exists()
@@ -124,8 +132,8 @@ def fill_queue(model: MoCo, loader: TwoViewLoader, device: torch.device) -> None
     loader.set_epoch(1 << 20)  # draws of their own: an epoch no run reaches
     filled = 0
     while filled < model.K:
-        for _, im_k, _ in loader:
-            model.dequeue_and_enqueue(model.encode_keys(im_k.to(device)))
+        for _, im_k, y in loader:
+            model.dequeue_and_enqueue(model.encode_keys(im_k.to(device)), y)
             filled += im_k.shape[0] * (dist.get_world_size() if dist.is_initialized() else 1)
             if filled >= model.K:
                 break
@@ -175,6 +183,10 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     train_beton, val_beton = stage_to_scratch([train_beton, val_beton], p.launch.local_scratch, local_rank)
     torch.manual_seed(pt.seed)
     model = build_model(p).to(device)
+    if rank == 0:  # an unwritable or full disk fails now, not at the first checkpoint
+        need = 3 * sum(t.nbytes for t in model.state_dict().values())  # model + SGD momentum + final copy
+        for path in (state_path, out_path):
+            checkpoint.require_writable(path, need)
     moco = DistributedDataParallel(model) if world > 1 else model
     global_batch = pt.batch_size * world
     base_lr = pt.lr * global_batch / 256
@@ -243,7 +255,7 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             sums = [0.0, 0, 0, 0]  # loss sum, proxy hits, proxy hits with synthetic, samples
         bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{pt.epochs}", leave=False, dynamic_ncols=True,
                    disable=rank != 0, initial=skip)
-        for batch, (im_q, im_k, _) in enumerate(bar):
+        for batch, (im_q, im_k, y) in enumerate(bar):
             if batch < skip:  # resumed mid-epoch: these batches were trained before the interruption
                 continue
             im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
@@ -253,13 +265,13 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             loss, hits, hits_all = step_loss(out, model.queue, pt, epoch, query_index)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"pretrain: loss is {loss.item()} at step {step} (epoch {epoch + 1}); last good checkpoint: "
-                    f"{state_path if state_path.is_file() else 'none'}"
+                    f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); last good checkpoint: "
+                    f"{state_path if not fresh or epoch > epoch0 else 'none'}"  # not another run's last.pt
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            model.dequeue_and_enqueue(out["k"])
+            model.dequeue_and_enqueue(out["k"], y)
             step += 1
             sums = [sums[0] + loss.item() * B, sums[1] + int(hits.sum()), sums[2] + int(hits_all.sum()), sums[3] + B]
             images += B * world
@@ -279,7 +291,8 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             if (epoch + 1) % pt.analysis_every == 0 or epoch + 1 == pt.epochs:
                 a = analyze(model, val_loader, pt.temperature)
                 write_analysis_tables(a, epoch + 1, analysis_dir)
-                last |= {k: a[k] for k in ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc")}
+                last |= {k: a[k] for k in ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc",
+                                         "false_negatives_top10")}
             for name, value in last.items():
                 live.log_metric(f"{'train' if name in TRAIN_CURVES else 'analysis'}/{name}", value)
             live.next_step()

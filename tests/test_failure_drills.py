@@ -1,0 +1,185 @@
+"""Failure drills: what a long run meets in practice (a kill while a checkpoint is written, a damaged
+ImageFolder, a checkpoint of another architecture or a tampered one, a diverging loss, an unwritable or
+full disk) must end in one clear line naming the file, never in a loaded truncated file, code run from a
+checkpoint, silent training on NaN, or an error hours later."""
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.cli import run_stage
+from pipeline.config import Params
+from pipeline.data.ffcv_io import write_beton
+from pipeline.models.backbone import load_backbone, resnet
+from pipeline.train import pretrain as pretrain_module
+from pipeline.train.pretrain import pretrain
+from stages import ffcv_convert
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---- kill -9 while a checkpoint is written -------------------------------------------------------------
+
+KILLED_WRITER = """
+import io, os, signal, sys
+import torch
+from pipeline import checkpoint
+
+def write_half_then_die(f):
+    buf = io.BytesIO()
+    torch.save({"step": 2, "model": {"w": torch.ones(4_000_000)}}, buf)  # 16 MB
+    f.write(buf.getvalue()[: buf.tell() // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.atomic_write(sys.argv[1], write_half_then_die)
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path: Path):
+    target = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1, "model": {"w": torch.zeros(3)}}, target)
+    r = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -9, r.stderr
+    state = checkpoint.load(target)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.zeros(3))
+    (half,) = tmp_path.glob(".last.pt.*.tmp")  # SIGKILL skips the cleanup: the half-written temp stays
+    assert 0 < half.stat().st_size < 16_000_000
+    with pytest.raises(ValueError, match=re.escape(str(half))):
+        checkpoint.load(half)
+
+
+# ---- damaged ImageFolder splits --------------------------------------------------------------------------
+
+
+def test_missing_class_folder_and_empty_splits_fail_naming_the_folder(tiny_imagefolder: Path, monkeypatch):
+    monkeypatch.chdir(tiny_imagefolder)  # the stage writes data/ffcv here
+    train, val = tiny_imagefolder / "train", tiny_imagefolder / "val"
+    p = Params()
+    p.data = replace(p.data, train_dir=str(train), val_dir=str(val))
+    for f in (val / "cat").iterdir():
+        f.unlink()
+    (val / "cat").rmdir()
+    with pytest.raises(ValueError, match=re.escape(f"{val}: class folders differ from {train}: missing ['cat']")):
+        ffcv_convert.main(p)
+    assert not Path("data").exists()  # refused before converting anything
+    for d in val.iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    with pytest.raises(ValueError, match=re.escape(f"no class folders in {val}")):
+        ffcv_convert.main(p)
+    for f in train.rglob("*.jpg"):
+        f.unlink()
+    with pytest.raises(ValueError, match=re.escape(f"class folder without images: {train / 'ant'}")):
+        write_beton(train, tiny_imagefolder / "train.beton", max_resolution=32)
+
+
+# ---- foreign and tampered checkpoints --------------------------------------------------------------------
+
+
+def test_checkpoint_of_another_architecture_or_format_is_refused(tmp_path: Path):
+    r50 = tmp_path / "r50.pt"
+    checkpoint.save_atomic({"model": {f"encoder_q.{k}": v for k, v in resnet("resnet50").state_dict().items()}}, r50)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(r50))} does not fit resnet18: .*layer1\.0\.bn3"):
+        load_backbone(r50, "resnet18")
+    supervised = tmp_path / "supervised.pt"
+    torch.save(resnet("resnet18").state_dict(), supervised)
+    with pytest.raises(ValueError, match=re.escape(f"{supervised}: not a MoCo checkpoint")):
+        load_backbone(supervised, "resnet18")
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a tampered checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_tampered_checkpoint_is_refused_without_running_its_code(tmp_path: Path):
+    path, marker = tmp_path / "tampered.pt", tmp_path / "code-ran"
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not a readable weights-only checkpoint")):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+# ---- a diverging loss ------------------------------------------------------------------------------------
+
+
+def _tiny(tmp_path: Path, **pretrain_params) -> tuple[Params, list[Path]]:
+    """Tiny pretraining params and the paths pretrain() takes, under tmp_path (3 steps an epoch)."""
+    p = Params()
+    p.data = replace(p.data, num_workers=1)
+    p.pretrain = replace(p.pretrain, **{"epochs": 1, "batch_size": 4, "queue_size": 8, "bn_splits": 2, "res": 16}
+                         | pretrain_params)
+    return p, [tmp_path / name for name in ("out/checkpoint.pt", "state/last.pt", "live", "analysis")]
+
+
+@pytest.fixture
+def betons(tiny_imagefolder: Path) -> list[Path]:
+    out = [tiny_imagefolder / "betons" / f"{split}.beton" for split in ("train", "val")]
+    for split, beton in zip(("train", "val"), out, strict=True):
+        write_beton(tiny_imagefolder / split, beton, max_resolution=32, num_workers=1)
+    return out
+
+
+def test_nan_loss_ends_the_stage_in_one_line_naming_the_step(betons: list[Path], tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    p, (out, state, live, analysis) = _tiny(tmp_path, lr=1e30)
+    checkpoint.save_atomic({"identity": "another run"}, state)  # not this run's: must not be named as good
+    with pytest.raises(SystemExit) as e:
+        run_stage("pretrain", lambda _: pretrain(p, *betons, out, state, live, analysis), str(REPO / "params.yaml"))
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert f"{state} belongs to other params" in captured.out
+    last = captured.err.split("\r")[-1]  # after the cleared progress bar
+    assert re.fullmatch(r"pretrain: error: loss is nan at step [1-9]\d* \(epoch 1\); last good checkpoint: none\n",
+                        last), captured.err
+    assert not out.exists()
+
+
+def test_nan_loss_names_the_step_and_the_last_good_checkpoint(betons: list[Path], tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pretrain_module, "lr_at", lambda base_lr, epoch, *_: base_lr if epoch == 0 else 1e30)
+    p, (out, state, live, analysis) = _tiny(tmp_path, epochs=2)
+    with pytest.raises(FloatingPointError, match=rf"at step [4-9]\d* \(epoch 2\); last good checkpoint: "
+                                                 rf"{re.escape(str(state))}$"):
+        pretrain(p, *betons, out, state, live, analysis)
+    good = checkpoint.load(state)
+    assert (good["epoch"], good["step"]) == (1, 3)
+    assert all(torch.isfinite(t).all() for t in good["model"].values() if t.is_floating_point())
+
+
+# ---- unwritable or full disk -----------------------------------------------------------------------------
+
+
+def test_unwritable_output_fails_before_any_training(tmp_path: Path):
+    (tmp_path / "a-file").write_text("not a directory")
+    p, (_, state, live, analysis) = _tiny(tmp_path)
+    out = tmp_path / "a-file" / "checkpoint.pt"
+    missing = tmp_path / "no.beton"  # never opened: the check comes first
+    with pytest.raises(OSError, match=re.escape(f"{tmp_path / 'a-file'}: cannot write checkpoints there")):
+        pretrain(p, missing, missing, out, state, live, analysis)
+    assert not state.exists() and not live.exists()
+
+
+def test_require_writable_names_the_directory_and_the_space(tmp_path: Path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(OSError, match=re.escape(f"{tmp_path / 'a-file' / 'sub'}: cannot write checkpoints there")):
+        checkpoint.require_writable(tmp_path / "a-file" / "sub" / "last.pt", 1)
+    with pytest.raises(OSError, match=rf"^{re.escape(str(tmp_path / 'new'))}: needs ~1000000000\.0 GB free for "
+                                      r"checkpoints, [\d.]+ GB available$"):
+        checkpoint.require_writable(tmp_path / "new" / "last.pt", 10**18)
+    checkpoint.require_writable(tmp_path / "new" / "last.pt", 1)
+    assert list((tmp_path / "new").iterdir()) == []  # the probe file is gone
