@@ -18,9 +18,12 @@ import torch
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """write(f) into a temp file in the same directory, fsync, then rename: a kill never leaves a
-    truncated file under `path`."""
+    truncated file under `path`. Temp files of `path` left by a killed writer are removed first (one
+    writer per path: rank 0), so they never pile up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

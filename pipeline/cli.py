@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import atomic_write, params_hash
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.launch import JobFailed
 
 PACKAGES = ("torch", "torchvision", "ffcv", "sal-detectron2", "dvc", "submitit")
 
@@ -48,10 +49,10 @@ def write_metrics(path: str | Path, metrics: dict, p: Params, seed: int | None, 
 
 
 def run_stage(name: str, main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
-    """Load and validate params, run `main`; bad input, an unwritable or full disk and a diverged run end the
-    stage with one line and exit code 2."""
+    """Load and validate params, run `main`; bad input, an unwritable or full disk, a diverged run and a failed
+    SLURM job (id, state, tail of its log) end the stage with that message and exit code 2, not a traceback."""
     try:
         main(load_params(params_path))
-    except (ConfigError, OSError, ValueError, FloatingPointError) as e:
+    except (ConfigError, OSError, ValueError, FloatingPointError, JobFailed) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
