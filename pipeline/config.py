@@ -32,10 +32,10 @@ def _f(default: Any, **constraints: Any) -> Any:
 class ToyParams:
     """The built-in toy set: textures whose class is the pattern, never the colour (see pipeline/data/toy.py)."""
 
-    classes: int = _f(8, min=2, max=15)
-    train_per_class: int = _f(400, min=1)
+    classes: int = _f(15, min=2, max=15)
+    train_per_class: int = _f(160, min=1)
     val_per_class: int = _f(50, min=1)
-    size: int = _f(64, min=16)
+    size: int = _f(32, min=16)
     seed: int = _f(0, min=0)
 
 
@@ -43,7 +43,7 @@ class ToyParams:
 class DataParams:
     train_dir: str = _f("data/toy/train")
     val_dir: str = _f("data/toy/val")
-    max_resolution: int = _f(64, min=8)  # longest side stored in the .beton (JPEG)
+    max_resolution: int = _f(32, min=8)  # longest side stored in the .beton (JPEG)
     jpeg_quality: int = _f(90, min=1, max=100)
     on_corrupt: str = _f("fail", choices=("fail", "skip"))
     num_workers: int = _f(2, min=1)
@@ -85,14 +85,14 @@ class PretrainParams:
     hard_start_epoch: int = _f(2, min=0)  # synthetic negatives from this epoch on (papers: 10 on IN-100, 15 on IN-1k)
     mochi: MochiParams = field(default_factory=MochiParams)
     synco: SyncoParams = field(default_factory=SyncoParams)
-    epochs: int = _f(6, min=1)
+    epochs: int = _f(20, min=1)
     batch_size: int = _f(64, min=2)  # per process; the global batch is batch_size x world size
     lr: float = _f(0.12, min_exclusive=0)  # per 256 images of global batch (linear scaling rule)
     momentum: float = _f(0.9, min=0, max=1)
     weight_decay: float = _f(1e-4, min=0)
     schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
     lr_steps: list = _f([0.6, 0.8])  # fractions of training at which "step" multiplies lr by 0.1
-    res: int = _f(64, min=8)
+    res: int = _f(32, min=8)
     dim: int = _f(128, min=1)  # feature dimension of the projection head
     queue_size: int = _f(256, min=1)  # K
     queue_init: str = _f("keys", choices=("keys", "random"))  # "random" = MoCo's reference
@@ -115,7 +115,7 @@ class LinevalParams:
     momentum: float = _f(0.9, min=0, max=1)
     weight_decay: float = _f(0.0, min=0)
     lr_steps: list = _f([0.6, 0.8])  # MoCo: x0.1 at epochs 60 and 80 of 100
-    res: int = _f(64, min=8)
+    res: int = _f(32, min=8)
     augment: bool = _f(False)  # RandomResizedCrop+flip per epoch (reference); False = features computed once
     seed: int = _f(0, min=0)
 
@@ -124,7 +124,7 @@ class LinevalParams:
 class KnnParams:
     k: int = _f(20, min=1)  # MoCo uses 200 on ImageNet (1300 images a class)
     temperature: float = _f(0.07, min_exclusive=0)
-    res: int = _f(64, min=8)
+    res: int = _f(32, min=8)
     batch_size: int = _f(256, min=1)
 
 

@@ -1,0 +1,176 @@
+"""Pretraining wall time against dataset size (one process) and against the number of processes (1 vs 2,
+DDP over gloo on localhost, the same global batch and the same cores in all), with a plot in
+bench/out/scaling.png.
+
+    python -m bench.scaling [--sizes 256 512 1024] [--processes 1 2] [--batch-size 64] [--method moco]
+        [--res 64] [--warmup 2] [--workers 2]      (from the repo root; ends with a RESULT {json} line)
+
+A point is one epoch of the toy set of that size (pipeline/data/toy.py, 8 classes; a smaller set is the
+start of a larger one) with the training step of pipeline/train/pretrain.py (MoCo forward, step_loss,
+backward, SGD, enqueue; the params' defaults otherwise, K = 256), run in freshly spawned processes (one per
+rank, as tests/test_ddp.py does) that each warm up for --warmup steps on an epoch of their own, meet at a
+barrier, and time the epoch to the barrier after its last step. With 2 processes each rank takes half the
+global batch, half the torch threads and half the loader threads, so both layouts use the same cores:
+the speed-up is that of DDP, not of more hardware. Expected: time per image flat in the size (an epoch is
+linear in the data), and on a 2-core CPU a speed-up of at most 1.
+"""
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from matplotlib.figure import Figure
+from torch.nn.parallel import DistributedDataParallel
+
+from bench.common import OUT, result, toy_betons
+from pipeline.config import Params
+from pipeline.data.augment import AugParams
+from pipeline.data.ffcv_io import TwoViewLoader
+from pipeline.train.pretrain import build_model, step_loss
+
+CLASSES = 8
+
+
+def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: str) -> None:
+    """One rank: build, warm up, then time one epoch between two barriers; rank 0 writes the figures."""
+    torch.set_num_threads(max(1, opts["threads"] // world))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    p = Params()
+    pt = p.pretrain
+    pt.method, pt.res, pt.batch_size = opts["method"], opts["res"], opts["batch_size"] // world
+    torch.manual_seed(pt.seed)
+    model = build_model(p)
+    moco = DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=pt.lr * opts["batch_size"] / 256,
+                                momentum=pt.momentum, weight_decay=pt.weight_decay)
+    aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
+    loader = TwoViewLoader(Path(beton), pt.batch_size, pt.res, aug, max(1, opts["workers"] // world), seed=pt.seed,
+                           distributed=world > 1)
+
+    def step(i: int, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
+        out = moco(im_q, im_k)
+        B = im_q.shape[0]
+        query_index = i * B * world + rank * B + torch.arange(B)  # [B] global query ids
+        loss, _, _ = step_loss(out, model.queue, pt, pt.hard_start_epoch, query_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.dequeue_and_enqueue(out["k"])
+
+    moco.train()
+    loader.set_epoch(1 << 20)  # warm-up draws of their own
+    batches = iter(loader)
+    for i in range(opts["warmup"]):
+        step(i, *next(batches)[:2])
+    batches.close()
+    loader.set_epoch(0)
+    dist.barrier()
+    t0 = time.perf_counter()
+    steps = 0
+    for steps, (im_q, im_k, _) in enumerate(loader, 1):
+        step(steps, im_q, im_k)
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        Path(out).write_text(json.dumps({"seconds": seconds, "steps": steps, "images": steps * opts["batch_size"]}))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def point(beton: Path, world: int, opts: dict, tmp: Path) -> dict:
+    """Spawn `world` ranks for one timed epoch; rank 0's figures."""
+    out = tmp / f"{beton.parent.name}-{world}.json"
+    init = f"tcp://127.0.0.1:{free_port()}"
+    mp.spawn(train_epoch, args=(world, init, str(beton), opts, str(out)), nprocs=world, join=True)
+    return json.loads(out.read_text())
+
+
+def plot(by_size: dict, by_world: dict, size: int, path: Path) -> None:
+    """Epoch time against size (with the line of a constant time per image) and images/s against processes;
+    matplotlib's object API renders the PNG with Agg, as pipeline/report.py does."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    a, b = fig.subplots(1, 2)
+    sizes = sorted(by_size)
+    a.plot(sizes, [by_size[n]["seconds"] for n in sizes], "o-", label="measured")
+    per_image = by_size[sizes[0]]["seconds"] / by_size[sizes[0]]["images"]
+    a.plot(sizes, [per_image * by_size[n]["images"] for n in sizes], "--", label="linear from the smallest")
+    a.set(xlabel="training images", ylabel="epoch wall time (s)", title="1 process")
+    a.legend()
+    worlds = sorted(by_world)
+    b.bar([str(w) for w in worlds], [by_world[w]["images"] / by_world[w]["seconds"] for w in worlds])
+    b.set(xlabel="processes (gloo DDP, same cores, same global batch)", ylabel="images/s",
+          title=f"{size} images")
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="training images per point")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="at the largest size")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch")
+    parser.add_argument("--method", default="moco", choices=["moco", "mochi", "synco"])
+    parser.add_argument("--res", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per point")
+    parser.add_argument("--workers", type=int, default=2, help="ffcv loader threads in all")
+    args = parser.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    bn_splits = Params().pretrain.bn_splits
+    for w in args.processes:
+        if args.batch_size % (w * bn_splits):
+            parser.error(f"--batch-size {args.batch_size} must split into {w} ranks of a multiple of {bn_splits} "
+                         "(pretrain.bn_splits)")
+    if min(args.sizes) < 2 * args.batch_size:
+        parser.error("every size needs at least two global batches")
+    opts = {"method": args.method, "res": args.res, "batch_size": args.batch_size, "warmup": args.warmup,
+            "workers": args.workers, "threads": threads}
+    largest = max(args.sizes)
+    print(f"{args.method}, resnet18 at {args.res} px, global batch {args.batch_size}, {threads} cores "
+          f"(torch threads and loader threads split over the ranks), one epoch per point after {args.warmup} "
+          f"warm-up steps", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+        tmp = Path(tmp)
+        betons = {n: toy_betons(tmp / f"n{n}", CLASSES, n // CLASSES, 0, args.res, args.workers)["train"]
+                  for n in sorted(set(args.sizes))}
+        by_size = {n: point(betons[n], 1, opts, tmp) for n in sorted(betons)}
+        by_world = {w: by_size[largest] if w == 1 else point(betons[largest], w, opts, tmp)
+                    for w in sorted(set(args.processes))}
+
+    smallest = min(by_size)
+    ms_per_image = {n: 1e3 * r["seconds"] / r["images"] for n, r in by_size.items()}
+    print("| images | processes | steps | wall s | ms/image | ms/image ratio to the smallest |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, r in by_size.items():
+        print(f"| {r['images']} | 1 | {r['steps']} | {r['seconds']:.1f} | {ms_per_image[n]:.1f} | "
+              f"{ms_per_image[n] / ms_per_image[smallest]:.2f} |")
+    for w, r in by_world.items():
+        if w > 1:
+            print(f"| {r['images']} | {w} | {r['steps']} | {r['seconds']:.1f} | {1e3 * r['seconds'] / r['images']:.1f} "
+                  "| |")
+    speedup = {w: by_world[min(by_world)]["seconds"] / r["seconds"] for w, r in by_world.items()}
+    for w, s in speedup.items():
+        if w != min(by_world):
+            print(f"speed-up {w} vs {min(by_world)} processes at {largest} images: {s:.2f}x")
+    OUT.mkdir(exist_ok=True)
+    plot(by_size, by_world, largest, OUT / "scaling.png")
+    print(f"plot: {OUT / 'scaling.png'}")
+    result("scaling", method=args.method, res=args.res, batch_size=args.batch_size, cores=threads,
+           by_size={str(n): r for n, r in by_size.items()}, by_processes={str(w): r for w, r in by_world.items()},
+           ms_per_image_ratio_to_smallest={str(n): round(v / ms_per_image[smallest], 3)
+                                           for n, v in ms_per_image.items()},
+           speedup={str(w): round(s, 3) for w, s in speedup.items()})
+
+
+if __name__ == "__main__":
+    main()
