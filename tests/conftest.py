@@ -23,7 +23,7 @@ TINY_DETECTION = {"max_iter": 2, "ims_per_batch": 2, "min_size_train": [64], "ma
 TINY = {
     "toy": {"classes": 3, "train_per_class": 16, "val_per_class": 8, "size": 32},
     "data": {"max_resolution": 32, "num_workers": 1},
-    "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 32, "bn_splits": 2, "res": 32},
+    "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 32, "bn_splits": 2, "res": 32, "keep_every": 1},
     "lineval": {"epochs": 2, "batch_size": 16, "res": 32},
     "knn": {"k": 5, "res": 32},
     "detection": {"num_workers": 0, "toy": {"classes": 2, "train_images": 8, "test_images": 4, "size": 64},

@@ -299,6 +299,8 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             print(f"pretrain: epoch {epoch + 1}/{pt.epochs} loss {last['loss']:.4f} "
                   f"proxy acc {last['proxy_acc']:.3f} lr {lr:.4f}", flush=True)
         save_state(epoch + 1, 0)
+        if rank == 0 and pt.keep_every and (epoch + 1) % pt.keep_every == 0:  # evaluate this epoch later
+            shutil.copyfile(state_path, state_path.with_name(f"epoch_{epoch + 1:04d}.pt"))
     if rank != 0:
         return None
     live.end()
