@@ -24,3 +24,7 @@ lint: setup
 bench: setup
 	python -m bench.loader
 	python -m bench.negatives
+	python -m bench.pretrain_step
+	python -m bench.lineval
+	python -m bench.detection
+	python -m bench.scaling

@@ -1,15 +1,17 @@
 """What the benchmarks share: the toy .beton they train on, a phase clock, a process-tree memory sampler, and
 the one-line machine-readable summary every benchmark ends with (`RESULT {json}`)."""
 
+import itertools
 import json
+import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import torch
 
-from pipeline.data.ffcv_io import write_beton
 from pipeline.data.toy import make_toy_imagefolder
 
 OUT = Path(__file__).resolve().parent / "out"  # figures and logs; created by the benchmark that writes there
@@ -20,6 +22,8 @@ def toy_betons(root: Path, classes: int, train_per_class: int, val_per_class: in
     """The built-in toy set (pipeline/data/toy.py) under `root` as {"train": .beton, "val": .beton (if any)}.
 
     Stored at its own size, as the pipeline's ffcv_convert stage does with data.max_resolution = toy.size."""
+    from pipeline.data.ffcv_io import write_beton  # here: importing ffcv sets torch to 1 thread (bench.negatives)
+
     make_toy_imagefolder(root / "images", classes, train_per_class, val_per_class, size, seed=0)
     splits = ("train", "val") if val_per_class else ("train",)
     out = {split: root / f"{split}.beton" for split in splits}
@@ -28,11 +32,24 @@ def toy_betons(root: Path, classes: int, train_per_class: int, val_per_class: in
     return out
 
 
+def drain(batches: Iterator, n: int | None = None) -> None:
+    """Read the `n` batches (default: all) left in an ffcv epoch before leaving it.
+
+    ffcv's prefetch thread ends an epoch with a blocking put of its end marker into a queue of
+    `batches_ahead` (3) slots; a consumer that leaves with exactly 3 batches unread leaves that thread
+    blocked for ever, and pipeline/data/ffcv_io._epoch_batches, which joins it on exit, hangs."""
+    for _ in itertools.islice(batches, n):
+        pass
+
+
 def where(device: torch.device) -> str:
-    """The device in words, for the header line of a benchmark."""
+    """The device in words, for the header line of a benchmark.
+
+    Not torch's thread count: ffcv sets it to its loader's thread count on import (1) and at every epoch
+    start, so in these benchmarks torch runs with --workers threads while a loader is in use."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} torch threads, no GPU"
+    return f"cpu ({len(os.sched_getaffinity(0))} cores, no GPU)"
 
 
 class PhaseClock:

@@ -84,6 +84,7 @@ def timed_epoch(loader, epoch: int) -> tuple[int, float]:
 
 
 def build(name: str, data: Path, beton: Path, res: int, batch_size: int, workers: int, aug: AugParams):
+    """The loader `name` ("ffcv" or "torchvision"), the same way for the timing and the memory probes."""
     if name == "ffcv":
         return TwoViewLoader(beton, batch_size, res, aug, workers, seed=0)
     return torchvision_loader(data, res, batch_size, workers, aug)
@@ -92,6 +93,7 @@ def build(name: str, data: Path, beton: Path, res: int, batch_size: int, workers
 def memory_probe(name: str, data: Path, beton: Path, res: int, batch_size: int, workers: int, conn) -> None:
     """Runs in its own process: one loader built, warmed up, and run for an epoch, telling the parent
     (which samples this process tree) when each step ends."""
+    mp.set_start_method("fork", force=True)  # a spawned process defaults to spawn: fork workers, as above
     conn.send("imported")
     loader = build(name, data, beton, res, batch_size, workers, AugParams())
     timed_epoch(loader, 0)
@@ -138,9 +140,9 @@ def main() -> None:
         print(f"{info['images']} images from {data}, res {args.res}, batch {args.batch_size}, "
               f"{args.workers} workers, {args.epochs} timed epochs each")
 
-        tv = torchvision_loader(data, args.res, args.batch_size, args.workers, aug)
+        tv = build("torchvision", data, beton, args.res, args.batch_size, args.workers, aug)
         timed_epoch(tv, 0)  # warm-up: worker start (fork before numba starts its threads), page cache
-        ffcv = TwoViewLoader(beton, args.batch_size, args.res, aug, args.workers, seed=0)
+        ffcv = build("ffcv", data, beton, args.res, args.batch_size, args.workers, aug)
         timed_epoch(ffcv, 0)  # warm-up: numba JIT, page cache
         totals = {"ffcv": [0, 0.0], "torchvision": [0, 0.0]}
         for epoch in range(1, args.epochs + 1):
@@ -164,10 +166,12 @@ def main() -> None:
         print(f"  {name:12s} {m['baseline_rss_mib']:12d} {m['peak_rss_mib']:9d} {m['epoch_peak_rss_mib']:15d} "
               f"{m['end_pss_mib']:11d}")
     peak_ratio = memory["ffcv"]["peak_rss_mib"] / memory["torchvision"]["peak_rss_mib"]
-    print(f"peak RSS ratio ffcv / torchvision {peak_ratio:.2f}x")
+    pss_ratio = memory["ffcv"]["end_pss_mib"] / memory["torchvision"]["end_pss_mib"]
+    print(f"memory ratio ffcv / torchvision: peak RSS {peak_ratio:.2f}x, PSS at end {pss_ratio:.2f}x")
     result("loader", images_per_s={k: round(v, 1) for k, v in rate.items()},
            ratio=round(rate["ffcv"] / rate["torchvision"], 3), memory=memory, peak_rss_ratio=round(peak_ratio, 3),
-           res=args.res, batch_size=args.batch_size, workers=args.workers, epochs=args.epochs)
+           pss_ratio=round(pss_ratio, 3), res=args.res, batch_size=args.batch_size, workers=args.workers,
+           epochs=args.epochs)
 
 
 if __name__ == "__main__":

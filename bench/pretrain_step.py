@@ -4,12 +4,12 @@ fp32 step of the same method.
 
     python -m bench.pretrain_step [--device cpu|cuda] [--methods moco mochi synco] [--amp bf16]
         [--channels-last --bn-splits 1] [--arch resnet18] [--res 64] [--batch-size 64] [--queue-size 4096]
-        [--steps 10] [--warmup 3] [--workers 2]                  (from the repo root; ends with RESULT {json})
+        [--steps 10] [--warmup 3] [--workers 2] [--images 512]   (from the repo root; ends with RESULT {json})
 
 The step is the one of pipeline/train/pretrain.py: MoCo forward (query encoder, momentum update, shuffled
 keys, logits against the queue), step_loss (synthetic negatives from each query's own top N, loss), backward,
-SGD step, enqueue; with the params' defaults for everything not given here (MoCHi (1024, 1024, 512), SynCo
-(1024; 3x256, 3x64), T 0.2, m 0.99, bn_splits 8). Batches come from the real TwoViewLoader (ffcv + batched
+SGD step, enqueue; with the params' defaults (pipeline/config.py) for everything not given here, the
+MoCHi and SynCo settings printed in the header. Batches come from the real TwoViewLoader (ffcv + batched
 aug+) on a toy .beton built in a temp dir, so "data" is the time the step waits for its next batch while
 the loader's threads share the machine with the step, as in training.
 
@@ -18,6 +18,12 @@ Fair: every configuration starts from the same weights and queue (seed 0) and re
 once the keys are enqueued. Phases are timed back to back with perf_counter (on CUDA synchronized at every
 boundary), so they add up to the wall time of the timed steps; img/s = batch x steps / that time. The
 queue holds random unit keys; the synthesis costs the same whatever is in it.
+
+Variants: --amp bf16 runs the forward and step_loss under torch.autocast (backward and SGD outside, as
+torch's AMP recipe); --channels-last converts the model and each batch (the conversion is charged to
+"data"). channels_last needs --bn-splits 1: the split BN that emulates shuffle BN views the batch as
+[N/S, S*C, H, W], which fails on a channels_last tensor, so the comparison is then made at bn_splits 1
+on both sides.
 """
 
 import argparse
@@ -30,7 +36,7 @@ from unittest import mock
 import torch
 
 import pipeline.train.pretrain as pretrain
-from bench.common import PhaseClock, result, toy_betons, where
+from bench.common import PhaseClock, drain, result, toy_betons, where
 from pipeline.config import Params
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
@@ -96,7 +102,8 @@ def run(p: Params, loader: TwoViewLoader, device: torch.device, amp: bool, chann
             clock.lap("optimizer")
             model.dequeue_and_enqueue(out["k"])
             clock.lap("queue")
-    batches.close()  # ends the loader's epoch (joins its threads) before the next configuration
+    drain(batches, -(warmup + steps) % len(loader))  # to the end of the epoch in progress, then leave it
+    batches.close()
     return clock.seconds
 
 
@@ -140,9 +147,11 @@ def main() -> None:
         aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
         loader = TwoViewLoader(beton, args.batch_size, args.res, aug, args.workers, seed=pt.seed)
         print(f"{args.arch} at {args.res} px, batch {args.batch_size}, K {args.queue_size}, "
-              f"bn_splits {args.bn_splits}, {len(loader) * args.batch_size} toy images, {args.workers} loader threads, "
-              f"on {where(device)}; "
-              f"{args.warmup} warm-up + {args.steps} timed steps per row")
+              f"bn_splits {args.bn_splits}, {len(loader) * args.batch_size} toy images, "
+              f"{args.workers} loader (= torch) threads, on {where(device)}; "
+              f"{args.warmup} warm-up + {args.steps} timed steps per row; MoCHi (N, s, s') = "
+              f"({pt.mochi.n_hard}, {pt.mochi.s}, {pt.mochi.s_prime}), SynCo N {pt.synco.n_hard} "
+              f"counts {pt.synco.counts}")
         for method in args.methods:
             pt.method = method
             for variant, (amp, channels_last) in variants.items():

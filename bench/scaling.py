@@ -10,9 +10,9 @@ start of a larger one) with the training step of pipeline/train/pretrain.py (MoC
 backward, SGD, enqueue; the params' defaults otherwise, K = 256), run in freshly spawned processes (one per
 rank, as tests/test_ddp.py does) that each warm up for --warmup steps on an epoch of their own, meet at a
 barrier, and time the epoch to the barrier after its last step. With 2 processes each rank takes half the
-global batch, half the torch threads and half the loader threads, so both layouts use the same cores:
-the speed-up is that of DDP, not of more hardware. Expected: time per image flat in the size (an epoch is
-linear in the data), and on a 2-core CPU a speed-up of at most 1.
+global batch and half the loader threads (ffcv sets torch's thread count to the loader's), so both
+layouts use the same cores: the speed-up is that of DDP, not of more hardware. Expected: time per image
+flat in the size (an epoch is linear in the data), and on a 2-core CPU a speed-up of at most 1.
 """
 
 import argparse
@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from matplotlib.figure import Figure
 from torch.nn.parallel import DistributedDataParallel
 
-from bench.common import OUT, result, toy_betons
+from bench.common import OUT, drain, result, toy_betons
 from pipeline.config import Params
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
@@ -40,7 +40,6 @@ CLASSES = 8
 
 def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: str) -> None:
     """One rank: build, warm up, then time one epoch between two barriers; rank 0 writes the figures."""
-    torch.set_num_threads(max(1, opts["threads"] // world))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     p = Params()
     pt = p.pretrain
@@ -51,6 +50,7 @@ def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: s
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=pt.lr * opts["batch_size"] / 256,
                                 momentum=pt.momentum, weight_decay=pt.weight_decay)
     aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
+    # ffcv also sets torch's threads to this count at every epoch start: the ranks split the cores
     loader = TwoViewLoader(Path(beton), pt.batch_size, pt.res, aug, max(1, opts["workers"] // world), seed=pt.seed,
                            distributed=world > 1)
 
@@ -69,7 +69,7 @@ def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: s
     batches = iter(loader)
     for i in range(opts["warmup"]):
         step(i, *next(batches)[:2])
-    batches.close()
+    drain(batches)
     loader.set_epoch(0)
     dist.barrier()
     t0 = time.perf_counter()
@@ -125,19 +125,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per point")
     parser.add_argument("--workers", type=int, default=2, help="ffcv loader threads in all")
     args = parser.parse_args()
-    threads = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     bn_splits = Params().pretrain.bn_splits
     for w in args.processes:
         if args.batch_size % (w * bn_splits):
             parser.error(f"--batch-size {args.batch_size} must split into {w} ranks of a multiple of {bn_splits} "
                          "(pretrain.bn_splits)")
-    if min(args.sizes) < 2 * args.batch_size:
-        parser.error("every size needs at least two global batches")
+    if min(args.sizes) < max(2, args.warmup) * args.batch_size:
+        parser.error("every size needs at least two global batches, and --warmup of them")
     opts = {"method": args.method, "res": args.res, "batch_size": args.batch_size, "warmup": args.warmup,
-            "workers": args.workers, "threads": threads}
+            "workers": args.workers}
     largest = max(args.sizes)
-    print(f"{args.method}, resnet18 at {args.res} px, global batch {args.batch_size}, {threads} cores "
-          f"(torch threads and loader threads split over the ranks), one epoch per point after {args.warmup} "
+    print(f"{args.method}, resnet18 at {args.res} px, global batch {args.batch_size}, {cores} cores, "
+          f"{args.workers} loader (= torch) threads split over the ranks, one epoch per point after {args.warmup} "
           f"warm-up steps", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         tmp = Path(tmp)
@@ -165,7 +165,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     plot(by_size, by_world, largest, OUT / "scaling.png")
     print(f"plot: {OUT / 'scaling.png'}")
-    result("scaling", method=args.method, res=args.res, batch_size=args.batch_size, cores=threads,
+    result("scaling", method=args.method, res=args.res, batch_size=args.batch_size, cores=cores, workers=args.workers,
            by_size={str(n): r for n, r in by_size.items()}, by_processes={str(w): r for w, r in by_world.items()},
            ms_per_image_ratio_to_smallest={str(n): round(v / ms_per_image[smallest], 3)
                                            for n, v in ms_per_image.items()},
