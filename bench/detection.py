@@ -50,9 +50,9 @@ def evaluate(p: Params, weights: Path, out: Path, topk: int, device: str, log) -
     """(seconds, mean proposals kept per image, VOC metrics) of one evaluation of the test split."""
     voc = p.detection.voc
     root = Path(voc.root)
-    *train_names, test_name = register_voc(root, [*voc.train_splits, voc.test_split],
-                                           voc_classes(root, voc.train_splits))  # registered by finetune already
-    cfg = detection_cfg(ARCH, "voc", p.detection.toy.classes, replace(voc, test_topk=topk), train=train_names,
+    classes = voc_classes(root, voc.train_splits)
+    *train_names, test_name = register_voc(root, [*voc.train_splits, voc.test_split], classes)  # finetune's names
+    cfg = detection_cfg(ARCH, "voc", len(classes), replace(voc, test_topk=topk), train=train_names,
                         test=test_name, weights=str(weights), output_dir=out, seed=0,
                         num_workers=p.detection.num_workers, device=device)
     model = Trainer.build_model(cfg)

@@ -1,6 +1,7 @@
 """ImageFolder -> .beton conversion and the two FFCV loaders (pairing, reproducibility, eval crops)."""
 
 import re
+import threading
 from pathlib import Path
 
 import cv2
@@ -220,6 +221,22 @@ def test_leaving_an_epoch_early_then_next_epoch(train_beton: Path):
     loader.set_epoch(0)
     next(iter(loader))  # abandoned after one batch
     assert all(torch.equal(a, b) for a, b in zip(reference, _epoch(loader, 1), strict=True))
+
+
+def test_leaving_with_a_full_prefetch_queue_does_not_hang(train_beton: Path):
+    """12 batches of 1; leaving after 9 leaves exactly ffcv's 3 prefetched batches unread, the case in which
+    its end-of-epoch marker used to block for ever (fill_queue leaves its epoch early)."""
+    loader = TwoViewLoader(train_beton, batch_size=1, res=16, aug=A.AugParams(), num_workers=1, seed=0)
+    done = threading.Event()
+
+    def leave_early() -> None:
+        for i, _ in enumerate(loader):
+            if i == 8:
+                break
+        done.set()
+
+    threading.Thread(target=leave_early, daemon=True).start()
+    assert done.wait(timeout=60), "leaving the epoch with 3 batches unread hung"
 
 
 def test_single_image_dataset_gets_new_crops_every_epoch(tiny_imagefolder: Path):

@@ -323,7 +323,12 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
             yield dict(zip(loader.pipeline_specs, batch, strict=True))
     finally:
         it.close()
-        it.join()  # nothing of this epoch may still run once the next one has set its epoch
+        while it.is_alive():  # nothing of this epoch may still run once the next one has set its epoch
+            it.join(timeout=1.0)
+            # ffcv's end-of-epoch marker is put without a timeout: if the consumer left with the prefetch
+            # queue full, that put would block for ever; free one slot for it
+            if it.is_alive() and it.output_queue.full():
+                it.output_queue.get_nowait()
 
 
 class TwoViewLoader:
