@@ -10,7 +10,6 @@ the same run (params and weights); otherwise the folder is cleared and the trial
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import statistics
@@ -30,6 +29,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import params_hash
+from pipeline.cli import write_json
 from pipeline.config import CocoParams, DetectionRunParams, Params, VocParams
 from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.datasets import check_coco, check_voc, register_coco, register_voc, voc_classes
@@ -199,7 +199,7 @@ def _train_trial(cfg: CfgNode, trial: int, trials: int) -> dict:
     out["timing"] = {"wall_s": round(wall, 1), "train_s": round(train_s, 1), "resumed_at": start,
                      "train_images_per_s": round(steps * cfg.SOLVER.IMS_PER_BATCH / train_s, 2) if steps else None}
     if comm.is_main_process():
-        (Path(cfg.OUTPUT_DIR) / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_json(Path(cfg.OUTPUT_DIR) / "results.json", out)
     return out
 
 
