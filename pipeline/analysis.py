@@ -42,16 +42,38 @@ def class_distance_ratio(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (inter / intra)[keep]  # [N']
 
 
-def false_negatives_by_rank(l_neg: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor,
-                            top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """How often each query's r-th hardest queue negative is of the query's own class (a false negative).
+def class_similarity_by_rank(l_neg: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor,
+                             sim: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class similarity between each query and its r-th hardest queue negative, summed by rank.
 
-    l_neg [B, K] = q.queue, labels [B], queue_labels [K] (-1 = slot without a label yet). Returns
-    (same [top], seen [top]): per rank r (0 = hardest), the count of same-class negatives and of labelled
-    ones over the batch; summed over an epoch, same / seen is the false-negative share by rank that
-    "drop the hardest" and the hard-negative methods bet on."""
+    l_neg [B, K] = q.queue, labels [B], queue_labels [K] (-1 = slot without a label yet), sim [C, C] a
+    similarity between classes. Returns (total [top], seen [top]): per rank r (0 = hardest), the sum of
+    sim[query class, negative class] and the count of labelled negatives over the batch; summed over an
+    epoch, total / seen is the mean similarity by rank."""
     idx = l_neg.topk(min(top, l_neg.shape[1]), dim=1).indices  # [B, top]
     neg_labels = queue_labels[idx]  # [B, top]
     seen = neg_labels >= 0  # [B, top]
-    same = seen & (neg_labels == labels[:, None])  # [B, top]
-    return same.sum(0), seen.sum(0)  # [top], [top]
+    s = sim.to(l_neg.device)[labels[:, None], neg_labels.clamp(min=0)] * seen  # [B, top]
+    return s.sum(0), seen.sum(0)  # [top], [top]
+
+
+def false_negatives_by_rank(l_neg: torch.Tensor, labels: torch.Tensor, queue_labels: torch.Tensor,
+                            top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How often each query's r-th hardest queue negative is of the query's own class (a false negative):
+    class_similarity_by_rank with the identity as similarity. Summed over an epoch, same / seen is the
+    false-negative share by rank that "drop the hardest" and the hard-negative methods bet on."""
+    C = int(max(labels.max(), queue_labels.max())) + 1
+    return class_similarity_by_rank(l_neg, labels, queue_labels, torch.eye(C), top)
+
+
+def same_class_sources(sources: list[torch.Tensor], labels: torch.Tensor,
+                       queue_labels: torch.Tensor) -> tuple[int, int, int]:
+    """How many synthetic points were made from negatives of the query's own class.
+
+    sources: the queue indices [B, m] each point was made from, one tensor per role (MoCHi's mix of two
+    negatives: [n_j, n_i]; a point from one negative: [n]). Returns (all_same, any_same, seen): points whose
+    every source, or at least one, is of the query's class, out of the points whose sources are labelled."""
+    src = torch.stack([queue_labels[s] for s in sources])  # [roles, B, m]
+    seen = (src >= 0).all(0)  # [B, m]
+    same = src == labels[None, :, None]  # [roles, B, m]
+    return int((same.all(0) & seen).sum()), int((same.any(0) & seen).sum()), int(seen.sum())

@@ -101,6 +101,7 @@ class PretrainParams:
     mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head
     bn_splits: int = _f(8, min=1)  # one process: emulate shuffle BN with this many BN groups (1 = off)
     analysis_every: int = _f(2, min=1)  # epochs between the analyses of the val set (and the last epoch)
+    wordnet: str = _f("/usr/share/wordnet/data.noun")  # WordNet 3.0 nouns, for classes named by ImageNet ids; "" = off
     keep_every: int = _f(0, min=0)  # also keep checkpoints/pretrain/epoch_<n>.pt every this many epochs (0 = off)
     crop_scale: list = _f([0.2, 1.0])
     blur_sigma: list = _f([0.1, 2.0])  # MoCo v2 uses 0.1-2.0 px at 224 px

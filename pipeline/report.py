@@ -278,6 +278,50 @@ def plot_false_negatives(analysis: Path, out: Path) -> bool:
                          "share of the query's own class", "False negatives by hardness rank (val)", out)
 
 
+def plot_wordnet(analysis: Path, out: Path) -> bool:
+    """(g) mean Wu-Palmer similarity of the r-th hardest negative's class to the query's class (WordNet,
+    classes named by ImageNet ids): are the hardest negatives semantically close classes?"""
+    return _plot_by_rank(analysis / "wordnet.csv", "wup_similarity", "linear",
+                         "Wu-Palmer similarity to the query's class", "Semantic similarity by hardness rank (val)",
+                         out)
+
+
+def plot_synthetic_sources(analysis: Path, out: Path) -> bool:
+    """(h) per type of synthetic point, the share made from negatives of the query's own class, at the first
+    and last analysed epochs: a "hard negative" made from false negatives pushes the query from its class.
+    For points mixed from two negatives, the dark part of a bar is the share with both from the class."""
+    path = analysis / "synthetic_sources.csv"
+    if not path.is_file():
+        return False
+    shares: dict[int, dict[str, tuple[float, float]]] = defaultdict(dict)  # {epoch: {type: (all, any)}}
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            shares[int(r["epoch"])][r["type"]] = (100 * float(r["same_class_all"]), 100 * float(r["same_class_any"]))
+    if not shares:
+        return False
+    epochs = sorted({min(shares), max(shares)})
+    types = list(shares[epochs[-1]])
+    height = 0.8 / len(epochs)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(8.2, 1.4 + 0.55 * len(types) * len(epochs)), layout="constrained")
+        ax = fig.subplots()
+        for e, (epoch, color) in enumerate(zip(epochs, _epoch_colors(len(epochs)), strict=True)):
+            y = [i + (e - (len(epochs) - 1) / 2) * height for i in range(len(types))]
+            every, some = zip(*(shares[epoch].get(t, (0.0, 0.0)) for t in types), strict=True)
+            ax.barh(y, some, height=height, color=color, alpha=0.35)
+            ax.barh(y, every, height=height, color=color, label=f"epoch {epoch}")
+            for yi, v in zip(y, some, strict=True):
+                ax.annotate(f"{v:.0f}%", (v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=9)
+        ax.set_yticks(range(len(types)), types)
+        ax.invert_yaxis()
+        ax.set(xlabel="synthetic points made from same-class negatives (%)\n"
+                      "(two sources: dark = both, whole bar = at least one)",
+               xlim=(0, 105), title="Synthetic negatives made from false negatives (val)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+        fig.savefig(out)
+    return True
+
+
 def plot_class_ratio(analysis: Path, out: Path) -> bool:
     """(d) histogram of per-sample inter/intra class distance, one panel per epoch on a shared x axis:
     mass moving right of 1 = classes separating."""
@@ -319,6 +363,8 @@ def write_figures(root: Path, out_dir: Path) -> dict[str, str]:
         ("hardness", "Hardness of the queue's negatives", plot_hardness, analysis),
         ("class_distance_ratio", "Class-distance ratio histograms", plot_class_ratio, analysis),
         ("false_negatives", "Same-class (false) negatives by hardness rank", plot_false_negatives, analysis),
+        ("wordnet", "WordNet similarity of the hard negatives to the query's class", plot_wordnet, analysis),
+        ("synthetic_sources", "Synthetic negatives made from same-class negatives", plot_synthetic_sources, analysis),
         ("lineval", "Linear-evaluation curves", plot_lineval, lineval),
     )
     return {name: caption for name, caption, plot, src in figures if plot(src, out_dir / f"{name}.png")}

@@ -1,4 +1,5 @@
-"""DVC stage ffcv_convert: ImageFolder train/val -> data/ffcv/{train,val}.beton (+ metrics/ffcv.json)."""
+"""DVC stage ffcv_convert: ImageFolder train/val -> data/ffcv/{train,val}.beton and classes.txt (label i = line i),
++ metrics/ffcv.json."""
 
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def main(p: Params) -> None:
         summary[split] = {"images": info["images"], "classes": len(info["classes"]), "skipped": len(info["skipped"])}
         print(f"ffcv_convert: {split}: {info['images']} images, {len(info['classes'])} classes, "
               f"{len(info['skipped'])} skipped")
+    (OUT / "classes.txt").write_text("".join(f"{name}\n" for name in train))
     write_metrics("metrics/ffcv.json", summary, p, seed=None)
 
 

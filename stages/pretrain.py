@@ -13,10 +13,12 @@ from pipeline.train.pretrain import pretrain, run_identity
 
 def main(p: Params) -> None:
     here = Path.cwd()
+    classes = here / "data/ffcv/classes.txt"  # label i = line i, written by ffcv_convert
+    class_names = classes.read_text().splitlines() if classes.is_file() else None
     metrics, job = launch.run(
         p, "pretrain", pretrain, p, here / "data/ffcv/train.beton", here / "data/ffcv/val.beton",
         here / "models/pretrain/checkpoint.pt", here / "checkpoints/pretrain/last.pt", here / "dvclive/pretrain",
-        here / "analysis/pretrain", identity=params_hash(run_identity(p)),
+        here / "analysis/pretrain", class_names, identity=params_hash(run_identity(p)),
     )
     write_metrics("metrics/pretrain.json", metrics, p, p.pretrain.seed, job)
 

@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline.config import Params
+from pipeline.data.ffcv_io import write_beton
 from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the real one-node SLURM cluster)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,27 +50,32 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
     return r
 
 
-@pytest.fixture
-def project(tmp_path: Path):
-    """A git + DVC project in tmp_path with this repo's code and tiny params. Returns (path, set_params)."""
-    (tmp_path / "slurm").mkdir()
+def make_project(path: Path) -> tuple[Path, Callable[[dict], None]]:
+    """A git + DVC project at `path` with this repo's code and tiny params. Returns (path, set_params)."""
+    (path / "slurm").mkdir(parents=True)
     for name in ("pipeline", "stages", "slurm/profiles", "dvc.yaml", "params.yaml"):
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy(src, tmp_path / name)
-    run(["git", "init", "-q"], tmp_path)
-    run(["dvc", "init", "-q"], tmp_path)
+            shutil.copy(src, path / name)
+    run(["git", "init", "-q"], path)
+    run(["dvc", "init", "-q"], path)
 
     def set_params(over: dict) -> None:
-        path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), over), sort_keys=False))
+        params = path / "params.yaml"
+        params.write_text(yaml.safe_dump(merge(yaml.safe_load(params.read_text()), over), sort_keys=False))
 
     set_params(TINY)
-    run(["git", "add", "-A"], tmp_path)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "tiny study"], tmp_path)
-    return tmp_path, set_params
+    run(["git", "add", "-A"], path)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "tiny study"], path)
+    return path, set_params
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> tuple[Path, Callable[[dict], None]]:
+    """make_project in tmp_path."""
+    return make_project(tmp_path)
 
 
 @pytest.fixture
@@ -86,3 +95,21 @@ def tiny_imagefolder(tmp_path: Path) -> Path:
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.jpg", quality=95)
                 k += 1
     return tmp_path
+
+
+@pytest.fixture
+def betons(tiny_imagefolder: Path) -> list[Path]:
+    """[train.beton, val.beton] of tiny_imagefolder."""
+    out = [tiny_imagefolder / "betons" / f"{split}.beton" for split in ("train", "val")]
+    for split, beton in zip(("train", "val"), out, strict=True):
+        write_beton(tiny_imagefolder / split, beton, max_resolution=32, num_workers=1)
+    return out
+
+
+def tiny_pretrain(tmp_path: Path, **pretrain_params) -> tuple[Params, list[Path]]:
+    """Tiny pretraining params and the paths pretrain() takes after the betons, under tmp_path (3 steps an epoch)."""
+    p = Params()
+    p.data = replace(p.data, num_workers=1)
+    p.pretrain = replace(p.pretrain, **{"epochs": 1, "batch_size": 4, "queue_size": 8, "bn_splits": 2, "res": 16}
+                         | pretrain_params)
+    return p, [tmp_path / name for name in ("out/checkpoint.pt", "state/last.pt", "live", "analysis")]

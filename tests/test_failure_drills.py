@@ -21,6 +21,7 @@ from pipeline.models.backbone import load_backbone, resnet
 from pipeline.train import pretrain as pretrain_module
 from pipeline.train.pretrain import pretrain
 from stages import ffcv_convert
+from tests.conftest import tiny_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,26 +118,9 @@ def test_tampered_checkpoint_is_refused_without_running_its_code(tmp_path: Path)
 # ---- a diverging loss ------------------------------------------------------------------------------------
 
 
-def _tiny(tmp_path: Path, **pretrain_params) -> tuple[Params, list[Path]]:
-    """Tiny pretraining params and the paths pretrain() takes, under tmp_path (3 steps an epoch)."""
-    p = Params()
-    p.data = replace(p.data, num_workers=1)
-    p.pretrain = replace(p.pretrain, **{"epochs": 1, "batch_size": 4, "queue_size": 8, "bn_splits": 2, "res": 16}
-                         | pretrain_params)
-    return p, [tmp_path / name for name in ("out/checkpoint.pt", "state/last.pt", "live", "analysis")]
-
-
-@pytest.fixture
-def betons(tiny_imagefolder: Path) -> list[Path]:
-    out = [tiny_imagefolder / "betons" / f"{split}.beton" for split in ("train", "val")]
-    for split, beton in zip(("train", "val"), out, strict=True):
-        write_beton(tiny_imagefolder / split, beton, max_resolution=32, num_workers=1)
-    return out
-
-
 def test_nan_loss_ends_the_stage_in_one_line_naming_the_step(betons: list[Path], tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    p, (out, state, live, analysis) = _tiny(tmp_path, lr=1e30)
+    p, (out, state, live, analysis) = tiny_pretrain(tmp_path, lr=1e30)
     checkpoint.save_atomic({"identity": "another run"}, state)  # not this run's: must not be named as good
     with pytest.raises(SystemExit) as e:
         run_stage("pretrain", lambda _: pretrain(p, *betons, out, state, live, analysis), str(REPO / "params.yaml"))
@@ -152,7 +136,7 @@ def test_nan_loss_ends_the_stage_in_one_line_naming_the_step(betons: list[Path],
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(betons: list[Path], tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pretrain_module, "lr_at", lambda base_lr, epoch, *_: base_lr if epoch == 0 else 1e30)
-    p, (out, state, live, analysis) = _tiny(tmp_path, epochs=2)
+    p, (out, state, live, analysis) = tiny_pretrain(tmp_path, epochs=2)
     with pytest.raises(FloatingPointError, match=rf"at step [4-9]\d* \(epoch 2\); last good checkpoint: "
                                                  rf"{re.escape(str(state))}$"):
         pretrain(p, *betons, out, state, live, analysis)
@@ -166,7 +150,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(betons: list[Path]
 
 def test_unwritable_output_fails_before_any_training(tmp_path: Path):
     (tmp_path / "a-file").write_text("not a directory")
-    p, (_, state, live, analysis) = _tiny(tmp_path)
+    p, (_, state, live, analysis) = tiny_pretrain(tmp_path)
     out = tmp_path / "a-file" / "checkpoint.pt"
     missing = tmp_path / "no.beton"  # never opened: the check comes first
     with pytest.raises(OSError, match=re.escape(f"{tmp_path / 'a-file'}: cannot write checkpoints there")):

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from tests.conftest import run
+from tests.conftest import make_project, run
 
 
 def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
@@ -17,6 +17,8 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
     run(["dvc", "repro"], path)
     for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):
         assert (path / "metrics" / f"{name}.json").is_file(), name
+    folders = sorted(d.name for d in (path / "data/toy/train").iterdir())
+    assert (path / "data/ffcv/classes.txt").read_text().splitlines() == folders and len(folders) == 3  # label i
     lineval = json.loads((path / "metrics/lineval.json").read_text())
     knn = json.loads((path / "metrics/knn.json").read_text())
     assert 0 <= lineval["top1"] <= 100 and lineval["top1"] <= lineval["top5"]
@@ -43,6 +45,27 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
         assert f"Running stage '{stage}'" not in out, out
 
 
+def _strip_run_details(metrics: dict) -> dict:
+    """A metrics file without what differs between two runs of the same computation (where, when, how fast)."""
+    return {k: v for k, v in metrics.items() if k not in ("provenance", "job", "seconds", "images_per_s")}
+
+
+def test_two_fresh_clones_compute_the_same_metrics_on_cpu(tmp_path):
+    """dvc repro -f (computed again, not restored from a cache) in two separate projects, same params and seed."""
+    results = []
+    for name in ("a", "b"):
+        path, _ = make_project(tmp_path / name)
+        run(["dvc", "repro", "-f", "knn", "lineval"], path)
+        results.append({stage: _strip_run_details(json.loads((path / f"metrics/{stage}.json").read_text()))
+                        for stage in ("ffcv", "pretrain", "lineval", "knn")})
+        results[-1]["weights"] = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["model"]
+    a, b = results
+    assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    for stage in ("ffcv", "pretrain", "lineval", "knn"):
+        assert a[stage] == b[stage], stage
+    assert a["pretrain"]["steps"] > 0 and 0 < a["knn"]["top1"] <= 100
+
+
 def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
     path, set_params = project
     run(["dvc", "repro", "knn"], path)
@@ -58,6 +81,8 @@ def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
     assert "metrics/knn.json" in diff and "metrics/pretrain.json" in diff
     plots = run(["dvc", "plots", "diff", "HEAD", "synco", "--json"], path).stdout
     assert "hardness" in plots
+    sources = (path / "analysis/pretrain/synthetic_sources.csv").read_text()  # the synco run, in the workspace
+    assert "SynCo 1 interpolated" in sources and "SynCo 6 adversarial" in sources
 
 
 def test_killed_pretraining_resumes_from_the_saved_step(project):

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(pkg-config libopencv-dev libturbojpeg0-dev)
+APT_PKGS=(pkg-config libopencv-dev libturbojpeg0-dev wordnet-base)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,7 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline import checkpoint
-from pipeline.analysis import alignment, class_distance_ratio, false_negatives_by_rank, hardness, uniformity
+from pipeline.analysis import (
+    alignment,
+    class_distance_ratio,
+    class_similarity_by_rank,
+    false_negatives_by_rank,
+    hardness,
+    same_class_sources,
+    uniformity,
+)
 from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
@@ -26,8 +34,10 @@ from pipeline.launch import PreemptionFlag, init_distributed
 from pipeline.losses import contrastive_loss, drop_hardest
 from pipeline.models.moco import MoCo
 from pipeline.models.negatives import mochi, synco, synthetic_logits
+from pipeline.wordnet import WordNet, is_wnid
 
 TRAIN_CURVES = ("loss", "proxy_acc", "proxy_acc_with_synthetic", "lr")
+SYNCO_TYPES = ("interpolated", "extrapolated", "mixup", "noise", "perturbed", "adversarial")
 
 
 def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str, steps: list) -> float:
@@ -40,17 +50,30 @@ def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str, steps: list) -
 
 
 def synthetic_negatives(q: torch.Tensor, queue: torch.Tensor, l_neg: torch.Tensor, pt: PretrainParams,
-                        query_index: torch.Tensor) -> torch.Tensor:
+                        query_index: torch.Tensor, return_info: bool = False):
     """Each query's synthetic hard negatives [B, M, D] (detached) from its own top N of the queue.
 
     Draws are keyed by the global query index, so 1 and N processes make the same points for the same
-    global batch; under DDP the queue is the same global queue on every rank."""
+    global batch; under DDP the queue is the same global queue on every rank. return_info: as in mochi/synco."""
     if pt.method == "mochi":
         c = pt.mochi
-        return mochi(q, queue, c.n_hard, c.s, c.s_prime, logits=l_neg, query_index=query_index, seed=pt.seed)
+        return mochi(q, queue, c.n_hard, c.s, c.s_prime, logits=l_neg, query_index=query_index, seed=pt.seed,
+                     return_info=return_info)
     c = pt.synco
     return synco(q, queue, c.n_hard, tuple(c.counts), c.sigma, c.delta, c.eta, logits=l_neg,
-                 query_index=query_index, seed=pt.seed)
+                 query_index=query_index, seed=pt.seed, return_info=return_info)
+
+
+def synthetic_sources(info: dict, pt: PretrainParams) -> dict[str, list[torch.Tensor]]:
+    """The queue indices each type of synthetic point was made from: {type: [indices [B, m] per source]}."""
+    if pt.method == "mochi":
+        s = pt.mochi.s
+        types = {"MoCHi h (n_i+n_j)": [info["j"][:, :s], info["i"]], "MoCHi h' (q+n_j)": [info["j"][:, s:]]}
+    else:
+        parts = info["n"].split(tuple(pt.synco.counts), dim=1)  # [B, n_t] per type
+        types = {f"SynCo {t + 1} {name}": [n, info["i"]] if name == "mixup" else [n]
+                 for t, (name, n) in enumerate(zip(SYNCO_TYPES, parts, strict=True))}
+    return {name: src for name, src in types.items() if src[0].shape[1] > 0}
 
 
 def step_loss(out: dict, queue: torch.Tensor, pt: PretrainParams, epoch: int, query_index: torch.Tensor) -> tuple:
@@ -72,12 +95,15 @@ def step_loss(out: dict, queue: torch.Tensor, pt: PretrainParams, epoch: int, qu
 
 
 @torch.no_grad()
-def analyze(model: MoCo, val_loader: TwoViewLoader, T: float) -> dict:
+def analyze(model: MoCo, val_loader: TwoViewLoader, pt: PretrainParams, wup: torch.Tensor | None = None) -> dict:
     """The paper analyses on the validation set, in eval mode: alignment and uniformity of the two views'
-    query features, class-distance ratios, sorted top-1024 queue probabilities, val proxy accuracy, and
-    the share of same-class (false) negatives by hardness rank among the queue's labelled keys."""
+    query features, class-distance ratios, sorted top-1024 queue probabilities, val proxy accuracy, the
+    share of same-class (false) negatives by hardness rank among the queue's labelled keys, with `wup`
+    [C, C] the negatives' mean WordNet similarity to the query's class by rank, and for MoCHi/SynCo the
+    share of each type of synthetic point made from same-class negatives."""
     model.eval()
-    qs, ks, labels, hard_sum, hits, same, seen = [], [], [], 0.0, 0, 0, 0
+    T = pt.temperature
+    qs, ks, labels, hard_sum, hits, same, seen, wup_sum, sources = [], [], [], 0.0, 0, 0, 0, 0, {}
     for x1, x2, y in val_loader:
         q = F.normalize(model.encoder_q(x1), dim=1)  # [B, D]
         k = F.normalize(model.encoder_k(x2), dim=1)  # [B, D]
@@ -86,13 +112,26 @@ def analyze(model: MoCo, val_loader: TwoViewLoader, T: float) -> dict:
         hits += int((l_pos > l_neg.max(dim=1).values).sum())
         s, n = false_negatives_by_rank(l_neg, y, model.queue_labels, top=1024)  # [top], [top]
         same, seen = same + s, seen + n
+        if wup is not None:
+            wup_sum = wup_sum + class_similarity_by_rank(l_neg, y, model.queue_labels, wup, top=1024)[0]  # [top]
+        if pt.method != "moco":  # val images keyed by their index, so the draws leave the training RNG alone
+            index = sum(len(t) for t in labels) + torch.arange(len(y), device=q.device)  # [B]
+            _, info = synthetic_negatives(q, model.queue, l_neg, pt, index, return_info=True)
+            for name, src in synthetic_sources(info, pt).items():
+                counts = same_class_sources(src, y, model.queue_labels)  # (all same, any same, seen)
+                sources[name] = [a + b for a, b in zip(sources.get(name, (0, 0, 0)), counts, strict=True)]
         qs.append(q), ks.append(F.normalize(model.encoder_q(x2), dim=1)), labels.append(y)
     q, q2, y = torch.cat(qs), torch.cat(ks), torch.cat(labels)  # [N, D], [N, D], [N]
     ratio = class_distance_ratio(q, y)  # [N']
     return {"alignment": alignment(q, q2), "uniformity": uniformity(q), "class_distance_ratio": ratio.mean().item(),
             "val_proxy_acc": hits / len(y), "hardness": (hard_sum / len(y)).tolist(), "ratios": ratio.tolist(),
             "false_negatives": (same / seen.clamp(min=1)).tolist(),
-            "false_negatives_top10": (same[:10].sum() / seen[:10].sum().clamp(min=1)).item()}
+            "false_negatives_top10": (same[:10].sum() / seen[:10].sum().clamp(min=1)).item(),
+            **({"wup": (wup_sum / seen.clamp(min=1)).tolist(),
+                "wup_top10": (wup_sum[:10].sum() / seen[:10].sum().clamp(min=1)).item()} if wup is not None else {}),
+            **({"synthetic_sources": {name: (a / max(n, 1), b / max(n, 1)) for name, (a, b, n) in sources.items()},
+                "synthetic_from_false_negatives": sum(b for _, b, _ in sources.values())
+                / max(1, sum(n for _, _, n in sources.values()))} if sources else {})}
 
 
 def write_analysis_tables(a: dict, epoch: int, out_dir: Path) -> None:
@@ -104,7 +143,13 @@ def write_analysis_tables(a: dict, epoch: int, out_dir: Path) -> None:
         ("class_distance_ratio.csv", "ratio,count,epoch", _histogram_rows(a["ratios"], epoch)),
         ("false_negatives.csv", "rank,same_class_share,epoch",
          [f"{r + 1},{v:.4f},{epoch}" for r, v in enumerate(a["false_negatives"])]),
+        ("wordnet.csv", "rank,wup_similarity,epoch",
+         [f"{r + 1},{v:.4f},{epoch}" for r, v in enumerate(a.get("wup", []))]),
+        ("synthetic_sources.csv", "type,same_class_all,same_class_any,epoch",
+         [f"{name},{every:.4f},{some:.4f},{epoch}" for name, (every, some) in a.get("synthetic_sources", {}).items()]),
     ):
+        if not rows:
+            continue
         path = out_dir / name
         new = not path.exists()
         with path.open("a") as f:
@@ -167,13 +212,21 @@ def stage_to_scratch(betons: list[Path], scratch: str, local_rank: int) -> list[
     return out
 
 
+def class_similarity(pt: PretrainParams, class_names: list[str] | None) -> torch.Tensor | None:
+    """[C, C] Wu-Palmer similarity of the classes when they are named by WordNet ids (ImageNet, IN-100) and
+    pretrain.wordnet is set; None otherwise (the toy's classes are textures, not WordNet nouns)."""
+    if not pt.wordnet or not class_names or not all(is_wnid(c) for c in class_names):
+        return None
+    return WordNet(pt.wordnet).wup_matrix(class_names)
+
+
 def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, state_path: Path, live_dir: Path,
-             analysis_dir: Path) -> dict | None:
+             analysis_dir: Path, class_names: list[str] | None = None) -> dict | None:
     """Train MoCo v2 on `train_beton`; rank 0 writes the final checkpoint to `out_path` and returns metrics.
 
     `state_path` holds the last checkpoint: every epoch end, and mid-epoch when SLURM signals a preemption
     or the time limit (then the job requeues itself). A run with the same params that finds it continues
-    from its exact step.
+    from its exact step. `class_names` (label order) enable the WordNet analysis (class_similarity).
     """
     pt = p.pretrain
     rank, world, device = init_distributed()
@@ -187,6 +240,7 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
         need = 3 * sum(t.nbytes for t in model.state_dict().values())  # model + SGD momentum + final copy
         for path in (state_path, out_path):
             checkpoint.require_writable(path, need)
+    wup = class_similarity(pt, class_names) if rank == 0 else None  # a missing WordNet fails before training
     moco = DistributedDataParallel(model) if world > 1 else model
     global_batch = pt.batch_size * world
     base_lr = pt.lr * global_batch / 256
@@ -289,10 +343,11 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
         last = {"loss": loss_sum / seen, "proxy_acc": hit / seen, "proxy_acc_with_synthetic": hit_all / seen, "lr": lr}
         if rank == 0:
             if (epoch + 1) % pt.analysis_every == 0 or epoch + 1 == pt.epochs:
-                a = analyze(model, val_loader, pt.temperature)
+                a = analyze(model, val_loader, pt, wup)
                 write_analysis_tables(a, epoch + 1, analysis_dir)
                 last |= {k: a[k] for k in ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc",
-                                         "false_negatives_top10")}
+                                         "false_negatives_top10", "wup_top10", "synthetic_from_false_negatives")
+                         if k in a}
             for name, value in last.items():
                 live.log_metric(f"{'train' if name in TRAIN_CURVES else 'analysis'}/{name}", value)
             live.next_step()
