@@ -223,6 +223,23 @@ def test_leaving_an_epoch_early_then_next_epoch(train_beton: Path):
     assert all(torch.equal(a, b) for a, b in zip(reference, _epoch(loader, 1), strict=True))
 
 
+def test_loaders_leave_the_training_thread_count_alone(train_beton: Path):
+    """ffcv sets torch's process-wide thread count to num_workers on creating a Loader and on starting an
+    epoch: training on 2 cores would run on one thread with num_workers 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        loader = TwoViewLoader(train_beton, batch_size=4, res=16, aug=A.AugParams(), num_workers=1, seed=0)
+        assert torch.get_num_threads() == 3
+        for _ in loader:  # (inside the epoch, the loading thread's transform runs on 1 thread for a while)
+            pass
+        assert torch.get_num_threads() == 3
+        EvalLoader(train_beton, batch_size=4, res=16, num_workers=1, train_aug=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_leaving_with_a_full_prefetch_queue_does_not_hang(train_beton: Path):
     """12 batches of 1; leaving after 9 leaves exactly ffcv's 3 prefetched batches unread, the case in which
     its end-of-epoch marker used to block for ever (fill_queue leaves its epoch early)."""

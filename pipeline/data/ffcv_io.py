@@ -250,11 +250,14 @@ class KeyedResizedCrop(ResizedCropRGBImageDecoder):
 
 class LoaderState:
     """What a loader shares with its ffcv operations: the epoch, which the compiled decoders read by address,
-    and errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever."""
+    errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever, and
+    the process's torch thread count before ffcv set it to num_workers (torch's setting is process-wide: ffcv
+    changes it on creating a Loader and on starting an epoch, so training would run on num_workers threads)."""
 
     def __init__(self):
         self.epoch = np.zeros(1, dtype=np.int64)
         self.errors: list[BaseException] = []
+        self.torch_threads = torch.get_num_threads()
 
 
 class BatchTransform(Operation):
@@ -273,7 +276,6 @@ class BatchTransform(Operation):
         fn, state = self.fn, self.state
 
         def transform(images, _, batch_indices):
-            threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 return fn(images, torch.from_numpy(batch_indices.astype(np.int64)), int(state.epoch[0]))
@@ -281,7 +283,7 @@ class BatchTransform(Operation):
                 state.errors.append(e)
                 return images
             finally:
-                torch.set_num_threads(threads)
+                torch.set_num_threads(state.torch_threads)
 
         transform.with_indices = True
         return transform
@@ -303,8 +305,11 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
     pipelines.setdefault("image", None)  # no undecoded default pipeline for the field itself
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
-    return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
-                  distributed=distributed, drop_last=drop_last, pipelines=pipelines)
+    try:
+        return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
+                      distributed=distributed, drop_last=drop_last, pipelines=pipelines)
+    finally:
+        torch.set_num_threads(state.torch_threads)  # see LoaderState
 
 
 def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[dict[str, Tensor]]:
@@ -320,6 +325,7 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
         for batch in it:
             if state.errors:
                 raise state.errors[0]
+            torch.set_num_threads(state.torch_threads)  # ffcv's epoch thread set num_workers (see LoaderState)
             yield dict(zip(loader.pipeline_specs, batch, strict=True))
     finally:
         it.close()
