@@ -58,9 +58,9 @@ class ModelParams:
 class MochiParams:
     """MoCHi(N, s, s'): s mixes of two hard negatives, s' mixes of the query with one, from its top N."""
 
-    n_hard: int = _f(1024, min=2)  # N
-    s: int = _f(1024, min=0)
-    s_prime: int = _f(512, min=0)
+    n_hard: int = _f(16, min=2)  # N (toy scale, for K 256; the papers' values are presets)
+    s: int = _f(16, min=0)
+    s_prime: int = _f(8, min=0)
 
 
 @dataclass
@@ -68,8 +68,8 @@ class SyncoParams:
     """SynCo: six synthetic types from each query's top N (interpolated, extrapolated, mixup, noise,
     perturbed, adversarial)."""
 
-    n_hard: int = _f(1024, min=2)  # N
-    counts: list = _f([256, 256, 256, 64, 64, 64])  # n1..n6; 0 switches a type off
+    n_hard: int = _f(16, min=2)  # N (toy scale, for K 256; the paper's values are the synco preset)
+    counts: list = _f([6, 6, 6, 2, 2, 2])  # n1..n6; 0 switches a type off
     sigma: float = _f(0.01, min=0)  # type 4 noise std
     delta: float = _f(0.01, min=0)  # type 5 step
     eta: float = _f(0.01, min=0)  # type 6 step
