@@ -22,7 +22,7 @@ def toy_betons(root: Path, classes: int, train_per_class: int, val_per_class: in
     """The built-in toy set (pipeline/data/toy.py) under `root` as {"train": .beton, "val": .beton (if any)}.
 
     Stored at its own size, as the pipeline's ffcv_convert stage does with data.max_resolution = toy.size."""
-    from pipeline.data.ffcv_io import write_beton  # here: importing ffcv sets torch to 1 thread (bench.negatives)
+    from pipeline.data.ffcv_io import write_beton
 
     make_toy_imagefolder(root / "images", classes, train_per_class, val_per_class, size, seed=0)
     splits = ("train", "val") if val_per_class else ("train",)
@@ -43,10 +43,7 @@ def drain(batches: Iterator, n: int | None = None) -> None:
 
 
 def where(device: torch.device) -> str:
-    """The device in words, for the header line of a benchmark.
-
-    Not torch's thread count: ffcv sets it to its loader's thread count on import (1) and at every epoch
-    start, so in these benchmarks torch runs with --workers threads while a loader is in use."""
+    """The device in words, for the header line of a benchmark."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({len(os.sched_getaffinity(0))} cores, no GPU)"

@@ -53,7 +53,8 @@ def main() -> None:
                             args.workers)
         print(f"{args.arch} ({'random init' if args.checkpoint is None else args.checkpoint}) at {args.res} px, "
               f"{args.images} train / {args.images // 4} val toy images, batch {args.batch_size}, "
-              f"{args.epochs} epochs, {args.workers} loader (= torch) threads, on {where(torch.device('cpu'))}")
+              f"{args.epochs} epochs, {args.workers} loader threads, torch {torch.get_num_threads()} threads, "
+              f"on {where(torch.device('cpu'))}")
         for augment in (False, True):
             timed(backbone, args.arch, betons, replace(lp, epochs=1, augment=augment), args.workers,
                   Path(tmp) / "warmup")

@@ -148,7 +148,7 @@ def main() -> None:
         loader = TwoViewLoader(beton, args.batch_size, args.res, aug, args.workers, seed=pt.seed)
         print(f"{args.arch} at {args.res} px, batch {args.batch_size}, K {args.queue_size}, "
               f"bn_splits {args.bn_splits}, {len(loader) * args.batch_size} toy images, "
-              f"{args.workers} loader (= torch) threads, on {where(device)}; "
+              f"{args.workers} loader threads, torch {torch.get_num_threads()} threads, on {where(device)}; "
               f"{args.warmup} warm-up + {args.steps} timed steps per row; MoCHi (N, s, s') = "
               f"({pt.mochi.n_hard}, {pt.mochi.s}, {pt.mochi.s_prime}), SynCo N {pt.synco.n_hard} "
               f"counts {pt.synco.counts}")

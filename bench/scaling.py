@@ -10,7 +10,7 @@ start of a larger one) with the training step of pipeline/train/pretrain.py (MoC
 backward, SGD, enqueue; the params' defaults otherwise, K = 256), run in freshly spawned processes (one per
 rank, as tests/test_ddp.py does) that each warm up for --warmup steps on an epoch of their own, meet at a
 barrier, and time the epoch to the barrier after its last step. With 2 processes each rank takes half the
-global batch and half the loader threads (ffcv sets torch's thread count to the loader's), so both
+global batch, half the loader threads and half the torch threads, so both
 layouts use the same cores: the speed-up is that of DDP, not of more hardware. Expected: time per image
 flat in the size (an epoch is linear in the data), and on a 2-core CPU a speed-up of at most 1.
 """
@@ -51,7 +51,9 @@ def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: s
                                 momentum=pt.momentum, weight_decay=pt.weight_decay)
     aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
     # ffcv also sets torch's threads to this count at every epoch start: the ranks split the cores
-    loader = TwoViewLoader(Path(beton), pt.batch_size, pt.res, aug, max(1, opts["workers"] // world), seed=pt.seed,
+    threads = max(1, opts["workers"] // world)
+    torch.set_num_threads(threads)  # this rank's share of the cores, for torch and the loader alike
+    loader = TwoViewLoader(Path(beton), pt.batch_size, pt.res, aug, threads, seed=pt.seed,
                            distributed=world > 1)
 
     def step(i: int, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
@@ -137,7 +139,7 @@ def main() -> None:
             "workers": args.workers}
     largest = max(args.sizes)
     print(f"{args.method}, resnet18 at {args.res} px, global batch {args.batch_size}, {cores} cores, "
-          f"{args.workers} loader (= torch) threads split over the ranks, one epoch per point after {args.warmup} "
+          f"{args.workers} loader and torch threads split over the ranks, one epoch per point after {args.warmup} "
           f"warm-up steps", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         tmp = Path(tmp)

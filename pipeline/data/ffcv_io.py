@@ -48,6 +48,12 @@ from pipeline.data.augment import (
     uniform,
 )
 
+# ffcv sets torch's process-wide intra-op thread count to 1 when imported, and to num_workers on creating a
+# Loader and on starting an epoch; put a default back (OMP_NUM_THREADS, else a SLURM task's CPUs, else the
+# usable cores). The loaders below keep whatever count the caller has when they are created (LoaderState).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+                      or len(os.sched_getaffinity(0)))
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratio range
 EVAL_CROP_RATIO = 224 / 256  # centre crop side / shorter side
@@ -251,8 +257,7 @@ class KeyedResizedCrop(ResizedCropRGBImageDecoder):
 class LoaderState:
     """What a loader shares with its ffcv operations: the epoch, which the compiled decoders read by address,
     errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever, and
-    the process's torch thread count before ffcv set it to num_workers (torch's setting is process-wide: ffcv
-    changes it on creating a Loader and on starting an epoch, so training would run on num_workers threads)."""
+    the caller's torch thread count, restored after ffcv changes it (see the top of this module)."""
 
     def __init__(self):
         self.epoch = np.zeros(1, dtype=np.int64)
