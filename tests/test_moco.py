@@ -94,6 +94,16 @@ def test_split_batchnorm_equals_separate_bn_per_group():
                                                  split.bias, False, 0.0, split.eps), atol=1e-6)
 
 
+def test_split_batchnorm_takes_channels_last_input():
+    torch.manual_seed(0)
+    plain, fast = SplitBatchNorm(3, 4), SplitBatchNorm(3, 4)
+    x = torch.randn(16, 3, 5, 5)
+    out = fast(x.contiguous(memory_format=torch.channels_last))  # a view would fail: N and C are not adjacent
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, plain(x), atol=1e-6)
+    assert torch.allclose(fast.running_var, plain.running_var, atol=1e-6)
+
+
 def test_cosine_and_step_schedules():
     assert lr_at(1.0, 0, 10, "cosine", []) == 1.0
     assert abs(lr_at(1.0, 5, 10, "cosine", []) - 0.5) < 1e-9

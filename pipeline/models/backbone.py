@@ -41,10 +41,13 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         mean = self.running_mean.repeat(S)  # [S*C]
         var = self.running_var.repeat(S)  # [S*C]
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         out = F.batch_norm(
-            x.view(N // S, S * C, H, W), mean, var, self.weight.repeat(S), self.bias.repeat(S),
+            x.reshape(N // S, S * C, H, W), mean, var, self.weight.repeat(S), self.bias.repeat(S),
             training=True, momentum=self.momentum, eps=self.eps,
-        ).view(N, C, H, W)  # [N, C, H, W]
+        ).view(N, C, H, W)  # [N, C, H, W]; a channels_last x is copied to merge S with C, and its format restored
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             self.running_mean.copy_(mean.view(S, C).mean(0))
             self.running_var.copy_(var.view(S, C).mean(0))
