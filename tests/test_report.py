@@ -36,18 +36,18 @@ def _params(method: str = "moco", **pretrain) -> Params:
 
 def test_method_labels():
     assert method_label(_params()) == "MoCo v2"
-    assert method_label(_params("mochi")) == "MoCHi (1024, 1024, 512)"
-    assert method_label(_params("synco")) == "SynCo (N=1024; 256/256/256/64/64/64)"
+    assert method_label(_params("mochi")) == "MoCHi (16, 16, 8)"
+    assert method_label(_params("synco")) == "SynCo (N=16; 6/6/6/2/2/2)"
     assert method_label(_params(loss="dcl")) == "MoCo v2 + DCL (tau+=0.1)"
     assert method_label(_params("mochi", loss="hcl", drop_hardest=0.001)) == \
-        "MoCHi (1024, 1024, 512) + HCL (tau+=0.1, beta=1) + drop 0.1% hardest"
+        "MoCHi (16, 16, 8) + HCL (tau+=0.1, beta=1) + drop 0.1% hardest"
 
 
 def test_table_has_our_row_then_the_published_rows():
     table = results_table(_params("mochi"), PRETRAIN, LINEVAL, KNN, _detection("voc", 1), _detection("coco", 1))
     rows = table.strip().splitlines()
     assert rows[0].startswith("| method | arch | epochs | linear top-1 | kNN top-1 (random init)")
-    assert rows[2] == ("| **MoCHi (1024, 1024, 512)** (this run) | R-18 | 6 | 73.2 | 68.8 (68.0) "
+    assert rows[2] == ("| **MoCHi (16, 16, 8)** (this run) | R-18 | 6 | 73.2 | 68.8 (68.0) "
                        "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |")
     assert len(rows) == 3 + len(PUBLISHED)
     assert "| MoCo v2 † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |" in rows
