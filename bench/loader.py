@@ -10,7 +10,7 @@ process and its workers every 10 ms. Reported: the high-water mark over the whol
 ffcv pipeline included) and over the epoch after the warm-up, and the tree's PSS at the end of that
 epoch (RSS sums count the pages forked DataLoader workers share with their parent once per worker).
 
-    python -m bench.loader [--data DIR] [--res 64] [--batch-size 128] [--workers 2] [--epochs 3]
+    python -m bench.loader [--data DIR | --image-size 96] [--res 64] [--batch-size 128] [--workers 2] [--epochs 3]
     (or python bench/loader.py; ends with a RESULT {json} line)
 """
 
@@ -19,6 +19,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +58,22 @@ class TwoCrops:
         return self.transform(image), self.transform(image)
 
 
+def aug_plus_steps(res: int, aug: AugParams) -> dict[str, Callable]:
+    """MoCo v2's aug+ in torchvision (main_moco.py), step by step, named."""
+    return {
+        "crop + resize": T.RandomResizedCrop(res, scale=aug.crop_scale),
+        "colour jitter": T.RandomApply([T.ColorJitter(*aug.jitter)], p=aug.p_jitter),
+        "grayscale": T.RandomGrayscale(p=aug.p_gray),
+        "blur": T.RandomApply([T.GaussianBlur(blur_kernel_size(res), sigma=aug.blur_sigma)], p=aug.p_blur),
+        "flip": T.RandomHorizontalFlip(p=aug.p_flip),
+        "to tensor": T.ToTensor(),
+        "normalize": T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    }
+
+
 def torchvision_loader(data: Path, res: int, batch_size: int, workers: int, aug: AugParams
                        ) -> torch.utils.data.DataLoader:
-    k = blur_kernel_size(res)
-    transform = T.Compose([
-        T.RandomResizedCrop(res, scale=aug.crop_scale),
-        T.RandomApply([T.ColorJitter(*aug.jitter)], p=aug.p_jitter),
-        T.RandomGrayscale(p=aug.p_gray),
-        T.RandomApply([T.GaussianBlur(k, sigma=aug.blur_sigma)], p=aug.p_blur),
-        T.RandomHorizontalFlip(p=aug.p_flip),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    transform = T.Compose(list(aug_plus_steps(res, aug).values()))
     return torch.utils.data.DataLoader(datasets.ImageFolder(str(data), TwoCrops(transform)), batch_size,
                                        shuffle=True, num_workers=workers, drop_last=True,
                                        persistent_workers=workers > 0)
@@ -126,6 +131,7 @@ def peak_memory(name: str, data: Path, beton: Path, args: argparse.Namespace) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="ImageFolder dir (default: ~1000 generated 96x96 JPEGs)")
+    p.add_argument("--image-size", type=int, default=96, help="side of the generated JPEGs (without --data)")
     p.add_argument("--res", type=int, default=64, help="side of the augmented views")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="ffcv threads = DataLoader worker processes")
@@ -134,7 +140,7 @@ def main() -> None:
     aug = AugParams()
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        data = args.data or make_image_folder(Path(tmp) / "images")
+        data = args.data or make_image_folder(Path(tmp) / "images", size=args.image_size)
         beton = Path(tmp) / "train.beton"
         info = write_beton(data, beton, max_resolution=65535, num_workers=args.workers)  # stored as is
         print(f"{info['images']} images from {data}, res {args.res}, batch {args.batch_size}, "

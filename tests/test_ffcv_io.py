@@ -240,6 +240,23 @@ def test_loaders_leave_the_training_thread_count_alone(train_beton: Path):
         torch.set_num_threads(before)
 
 
+def test_colour_ops_run_on_num_workers_threads_of_one_torch_thread(train_beton: Path, monkeypatch):
+    """The batch transform splits each batch over num_workers threads (results equal for any split: see
+    test_reproducible_across_workers_epochs_and_resume), each on one torch thread."""
+    seen = set()
+    call = A.MocoV2Augment.__call__
+
+    def spy(self, images, index, epoch):
+        seen.add((threading.current_thread().name.split("_")[0], torch.get_num_threads(), len(index)))
+        return call(self, images, index, epoch)
+
+    monkeypatch.setattr(A.MocoV2Augment, "__call__", spy)
+    loader = TwoViewLoader(train_beton, batch_size=6, res=16, aug=A.AugParams(), num_workers=2, seed=0)
+    for _ in loader:
+        pass
+    assert seen == {("batch-transform", 1, 3)}  # 12 images, batches of 6 in halves of 3, torch on 1 thread
+
+
 def test_leaving_with_a_full_prefetch_queue_does_not_hang(train_beton: Path):
     """12 batches of 1; leaving after 9 leaves exactly ffcv's 3 prefetched batches unread, the case in which
     its end-of-epoch marker used to block for ever (fill_queue leaves its epoch early)."""

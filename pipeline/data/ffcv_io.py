@@ -6,8 +6,9 @@ Reproducibility scheme: every random draw is hash(seed, epoch, view, sample inde
 in this process. The order comes from ffcv's seeded RANDOM traversal (a function of seed + epoch). The crop
 is drawn inside the numba decoder; numba freezes closure variables as constants, so the decoder reads the
 current epoch through the address of a one-element array it owns (the address is the frozen constant,
-the content is set by set_epoch). Colour ops, grayscale, blur and flip run batched in torch after
-loading, keyed by the dataset index of each sample, which a small ffcv operation hands over.
+the content is set by set_epoch). Each image is decoded once and cut into both views' crops. Colour ops,
+grayscale, blur and flip run batched in torch after loading, keyed by the dataset index of each sample,
+which a small ffcv operation hands over, the batch split over num_workers threads.
 """
 
 import os
@@ -24,6 +25,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
@@ -209,33 +211,42 @@ def center_crop(height: int, width: int, scale: np.ndarray, ratio: np.ndarray, k
 _imdecode, _resize_crop = Compiler.compile(imdecode), Compiler.compile(resize_crop)  # compiled once
 
 
-class KeyedResizedCrop(ResizedCropRGBImageDecoder):
-    """Decode, crop, resize; the crop function gets key = hash(seed, epoch, view, sample index), so the
-    crop does not depend on np.random or on the worker that decodes it.
+class KeyedResizedCrops(ResizedCropRGBImageDecoder):
+    """Decode each image once, then cut `views` crops of it, each resized to output_size: [B, V, H, W, 3].
 
-    `epoch` is a one-element int64 array owned by the loader; the compiled decoder reads it by address.
+    Crop v of sample i is drawn from key = hash(seed, epoch, v, i), so it depends neither on np.random nor
+    on the thread that decodes it. Decoding once for both MoCo views halves the JPEG work of ffcv's usual
+    one-pipeline-per-view setup. `epoch` is a one-element int64 array owned by the loader; the compiled
+    decoder reads it by address.
     """
 
     def __init__(self, output_size: tuple[int, int], crop: Callable, scale: tuple[float, float],
-                 ratio: tuple[float, float], seed: int, view: int, epoch: np.ndarray):
+                 ratio: tuple[float, float], seed: int, views: int, epoch: np.ndarray):
         super().__init__(output_size)
         self.crop, self.scale, self.ratio = crop, np.array(scale), np.array(ratio)
-        self.seed, self.view, self.epoch = seed, view, epoch
+        self.seed, self.views, self.epoch = seed, views, epoch
 
     @property
     def get_crop_generator(self):
         return self.crop
 
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, tuple[AllocationQuery, ...]]:
+        state, (_, decoded) = super().declare_state_and_memory(previous_state)
+        shape = (self.views, *state.shape)  # [V, H, W, 3] per sample
+        return replace(state, shape=shape), (AllocationQuery(shape, state.dtype), decoded)
+
     def generate_code(self):
         mem_read, loop = self.memory_read, Compiler.get_iterator()
         crop, scale, ratio, jpg = self.get_crop_generator, self.scale, self.ratio, IMAGE_MODES["jpg"]
-        seed_key, view = np.uint64(mix64_int(self.seed)), np.uint64(self.view)
+        seed_key, views = np.uint64(mix64_int(self.seed)), self.views
         epoch_address = self.epoch.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
-            epoch = np.uint64(_load_int64(epoch_address))
-            view_key = mix64_nb(mix64_nb(seed_key + epoch) + view)  # = augment.view_key(seed, epoch, view)
+            epoch_key = mix64_nb(seed_key + np.uint64(_load_int64(epoch_address)))
+            view_keys = np.empty(views, dtype=np.uint64)
+            for v in range(views):
+                view_keys[v] = mix64_nb(epoch_key + np.uint64(v))  # = augment.view_key(seed, epoch, v)
             for dst_ix in loop(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -246,8 +257,9 @@ class KeyedResizedCrop(ResizedCropRGBImageDecoder):
                     _imdecode(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
                 else:
                     image = data.reshape(height, width, 3)
-                i, j, h, w = crop(height, width, scale, ratio, mix64_nb(view_key + np.uint64(source_ix)))
-                _resize_crop(image, i, i + h, j, j + w, destination[dst_ix])
+                for v in range(views):
+                    i, j, h, w = crop(height, width, scale, ratio, mix64_nb(view_keys[v] + np.uint64(source_ix)))
+                    _resize_crop(image, i, i + h, j, j + w, destination[dst_ix, v])
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -255,25 +267,31 @@ class KeyedResizedCrop(ResizedCropRGBImageDecoder):
 
 
 class LoaderState:
-    """What a loader shares with its ffcv operations: the epoch, which the compiled decoders read by address,
-    errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever, and
-    the caller's torch thread count, restored after ffcv changes it (see the top of this module)."""
+    """What a loader shares with its ffcv operations: the epoch, which the compiled decoder reads by address,
+    errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever, the
+    caller's torch thread count, restored after ffcv changes it (see the top of this module), and the
+    threads that run the batch transform."""
 
-    def __init__(self):
+    def __init__(self, num_workers: int):
         self.epoch = np.zeros(1, dtype=np.int64)
         self.errors: list[BaseException] = []
         self.torch_threads = torch.get_num_threads()
+        self.workers = max(1, num_workers)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batch-transform",
+                                       initializer=torch.set_num_threads, initargs=(1,))
 
 
 class BatchTransform(Operation):
-    """Runs fn(uint8 images [B, H, W, 3], dataset indices [B], epoch) -> float32 [B, 3, H, W] in ffcv's
-    loading thread, so the torch-side augmentation is prefetched like the decoding.
+    """Runs fn(uint8 crops [b, V, H, W, 3], dataset indices [b], epoch) -> V float32 [b, 3, H, W] for the
+    whole batch in ffcv's loading thread, so that it is prefetched like the decoding; output [V, B, 3, H, W].
 
-    It runs with one torch thread: the ops are small, and an OpenMP team next to numba's decoder threads
-    spin-waits (5-10x slower on 2 shared cores, measured).
+    The batch is split into num_workers slices run by as many threads, each with one torch thread (torch's
+    thread count is per thread): the colour ops are per sample, so the result is the same for any split,
+    and they no longer run on one core while the others wait (an OpenMP team per op instead spin-waits
+    next to numba's decoder threads: 5-10x slower on 2 shared cores, measured).
     """
 
-    def __init__(self, fn: Callable[[Tensor, Tensor, int], Tensor], state: LoaderState):
+    def __init__(self, fn: Callable[[Tensor, Tensor, int], list[Tensor]], state: LoaderState):
         super().__init__()
         self.fn, self.state = fn, state
 
@@ -281,33 +299,37 @@ class BatchTransform(Operation):
         fn, state = self.fn, self.state
 
         def transform(images, _, batch_indices):
-            torch.set_num_threads(1)
+            B, V, H, W, _ = images.shape
+            index, epoch = torch.from_numpy(batch_indices.astype(np.int64)), int(state.epoch[0])
+            out = torch.empty(V, B, 3, H, W)
+
+            def run(a: int, b: int) -> None:
+                for v, x in enumerate(fn(images[a:b], index[a:b], epoch)):
+                    out[v, a:b] = x
+
+            bounds = np.linspace(0, B, min(state.workers, B) + 1).astype(int)
             try:
-                return fn(images, torch.from_numpy(batch_indices.astype(np.int64)), int(state.epoch[0]))
+                for job in [state.pool.submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]:
+                    job.result()
             except Exception as e:  # handed to the consumer (see _epoch_batches)
                 state.errors.append(e)
-                return images
-            finally:
-                torch.set_num_threads(state.torch_threads)
+            return out
 
         transform.with_indices = True
         return transform
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
-        H, W, C = previous_state.shape
-        return replace(previous_state, jit_mode=False, shape=(C, H, W), dtype=torch.float32), None
+        V, H, W, C = previous_state.shape
+        return replace(previous_state, jit_mode=False, shape=(V, C, H, W), dtype=torch.float32), None
 
 
 # ---- loaders ------------------------------------------------------------------------------------------
 
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
-                 distributed: bool, drop_last: bool, views: dict[str, tuple[Operation, Callable]],
-                 state: LoaderState) -> Loader:
-    """One ffcv Loader with each named view = (decoder of field 'image', batch transform), and 'label'."""
-    pipelines = {name: PipelineSpec("image", decoder=dec, transforms=[ToTensor(), BatchTransform(fn, state)])
-                 for name, (dec, fn) in views.items()}
-    pipelines.setdefault("image", None)  # no undecoded default pipeline for the field itself
+                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable, state: LoaderState) -> Loader:
+    """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label'."""
+    pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), BatchTransform(fn, state)])}
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
     try:
@@ -350,11 +372,15 @@ class TwoViewLoader:
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
                  distributed: bool = False, drop_last: bool = True):
-        self.epoch, self._state = 0, LoaderState()
-        views = {f"view{v}": (KeyedResizedCrop((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, v,
-                                               self._state.epoch), MocoV2Augment(aug, seed, v)) for v in (0, 1)}
-        self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, views,
-                                   self._state)
+        self.epoch, self._state = 0, LoaderState(num_workers)
+        decoder = KeyedResizedCrops((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, 2, self._state.epoch)
+        augment = [MocoV2Augment(aug, seed, v) for v in (0, 1)]
+
+        def transform(images: Tensor, index: Tensor, epoch: int) -> list[Tensor]:
+            return [augment[v](images[:, v], index, epoch) for v in (0, 1)]  # [b, 3, res, res] x2
+
+        self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, decoder,
+                                   transform, self._state)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -364,7 +390,7 @@ class TwoViewLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["view0"], b["view1"], b["label"].view(-1).clone()  # [B, 3, res, res] x2, [B]
+            yield b["image"][0], b["image"][1], b["label"].view(-1).clone()  # [B, 3, res, res] x2, [B]
 
 
 class EvalLoader:
@@ -373,23 +399,22 @@ class EvalLoader:
 
     def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
                  seed: int = 0, distributed: bool = False):
-        self.epoch, self._state = 0, LoaderState()
+        self.epoch, self._state = 0, LoaderState(num_workers)
         if train_aug:
-            decoder = KeyedResizedCrop((res, res), keyed_random_crop, (0.08, 1.0), RATIO, seed, 0, self._state.epoch)
+            decoder = KeyedResizedCrops((res, res), keyed_random_crop, (0.08, 1.0), RATIO, seed, 1, self._state.epoch)
         else:
-            decoder = KeyedResizedCrop((res, res), center_crop, (1.0, 1.0), (EVAL_CROP_RATIO,) * 2, seed, 0,
-                                       self._state.epoch)
+            decoder = KeyedResizedCrops((res, res), center_crop, (1.0, 1.0), (EVAL_CROP_RATIO,) * 2, seed, 1,
+                                        self._state.epoch)
 
-        def transform(images: Tensor, index: Tensor, epoch: int) -> Tensor:
-            x = to_float(images)  # [B, 3, res, res]
+        def transform(images: Tensor, index: Tensor, epoch: int) -> list[Tensor]:
+            x = to_float(images[:, 0])  # [b, 3, res, res]
             if train_aug:
-                flip = uniform(sample_keys(seed, epoch, 0, index), FLIP) < 0.5  # [B]
-                x = apply_where(x, flip, hflip)  # [B, 3, res, res]
-            return normalize(x)
+                flip = uniform(sample_keys(seed, epoch, 0, index), FLIP) < 0.5  # [b]
+                x = apply_where(x, flip, hflip)  # [b, 3, res, res]
+            return [normalize(x)]
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, train_aug, seed, distributed,
-                                   drop_last=train_aug, views={"image": (decoder, transform)},
-                                   state=self._state)
+                                   drop_last=train_aug, decoder=decoder, fn=transform, state=self._state)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -399,4 +424,4 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["image"], b["label"].view(-1).clone()  # [B, 3, res, res], [B]
+            yield b["image"][0], b["label"].view(-1).clone()  # [B, 3, res, res], [B]
