@@ -87,3 +87,22 @@ def set_rng_state(state: dict) -> None:
 def params_hash(section: dict) -> str:
     """A short stable hash of a params section: a resume checkpoint only continues the same run."""
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def files_digest(paths: list[Path], content_limit: int = 16 * 2**20) -> str:
+    """A short hash of the files at `paths` (a directory counts as every file under it): by content up to
+    `content_limit` bytes (code, configs), by size and modification time above (datasets and models, which
+    would take minutes to read); a missing path counts as missing. Python's bytecode caches are skipped."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
+            if root.is_dir() else [root]
+        for f in files:
+            h.update(str(f).encode() + b"\0")
+            if not f.is_file():
+                h.update(b"missing\0")
+            elif (st := f.stat()).st_size <= content_limit:
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+            else:
+                h.update(f"{st.st_size} {st.st_mtime_ns}\0".encode())
+    return h.hexdigest()[:16]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.checkpoint import atomic_write, params_hash
+import yaml
+
+from pipeline.checkpoint import atomic_write, files_digest, params_hash
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.launch import JobFailed
 
@@ -41,6 +44,29 @@ def provenance(p: Params, seed: int | None) -> dict:
             "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
             "params_hash": params_hash(p.to_dict()), "seed": seed, "world_size": p.world_size,
             "versions": {"python": platform.python_version()} | {k: _version(k) for k in PACKAGES}}
+
+
+def stage_deps(stage: str, p: Params, dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
+    """The dependencies of DVC stage `stage` as dvc.yaml lists them, ${params} resolved."""
+    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    if stage not in stages:
+        raise ValueError(f"{dvc_yaml}: no stage {stage!r}")
+    values = p.to_dict()
+
+    def resolve(match: re.Match) -> str:
+        value = values
+        for key in match.group(1).split("."):
+            value = value[key]
+        return str(value)
+
+    return [Path(re.sub(r"\$\{([\w.]+)\}", resolve, dep)) for dep in stages[stage].get("deps", [])]
+
+
+def stage_identity(stage: str, p: Params, section: dict) -> str:
+    """What makes two runs of a stage the same run: `section` of the params and the stage's dependencies
+    (code, data, upstream models). Only a checkpoint or SLURM job with this identity is resumed or re-attached:
+    after a change to the code or the data, `dvc repro` must not record outputs an older run produced."""
+    return params_hash(section | {"deps": files_digest(stage_deps(stage, p))})
 
 
 def write_metrics(path: str | Path, metrics: dict, p: Params, seed: int | None, job: dict | None = None) -> None:

@@ -11,8 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from pipeline import launch
-from pipeline.checkpoint import params_hash
-from pipeline.cli import run_stage, write_metrics
+from pipeline.cli import run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.detection.train import finetune
 
@@ -24,8 +23,9 @@ def main(p: Params, task: str) -> None:
     weights = here / "models/detection/backbone.pkl"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: run the convert stage first")
+    identity = stage_identity(f"detect_{task}", p, p.to_dict() | {"task": task})
     metrics, job = launch.run(p, f"detect_{task}", finetune, p, task, weights, here / "models/detection" / task,
-                              identity=params_hash(p.to_dict() | {"task": task}))
+                              identity, identity=identity)
     summary = "  ".join(f"{kind} AP {m['AP']:.2f} AP50 {m['AP50']:.2f} AP75 {m['AP75']:.2f}"
                         for kind, m in metrics.items() if kind in ("bbox", "segm"))
     print(f"detect_{task}: {summary}")

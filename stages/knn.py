@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline import launch
-from pipeline.checkpoint import params_hash
-from pipeline.cli import run_stage, write_metrics
+from pipeline.cli import run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone, resnet
 from pipeline.train.evaluate import knn_top1
@@ -29,7 +28,8 @@ def evaluate(p: Params) -> dict:
 
 
 def main(p: Params) -> None:
-    metrics, job = launch.run(p, "knn", evaluate, p, identity=params_hash(p.to_dict()), single_task=True)
+    identity = stage_identity("knn", p, p.to_dict())
+    metrics, job = launch.run(p, "knn", evaluate, p, identity=identity, single_task=True)
     print(f"knn: top-1 {metrics['top1']:.2f} (random init {metrics['random_init_top1']:.2f})")
     write_metrics("metrics/knn.json", metrics, p, p.pretrain.seed, job)
 

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline import launch
-from pipeline.checkpoint import params_hash
-from pipeline.cli import run_stage, write_metrics
+from pipeline.cli import run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone
 from pipeline.train.evaluate import linear_eval
@@ -25,7 +24,8 @@ def evaluate(p: Params) -> dict:
 
 
 def main(p: Params) -> None:
-    metrics, job = launch.run(p, "lineval", evaluate, p, identity=params_hash(p.to_dict()), single_task=True)
+    identity = stage_identity("lineval", p, p.to_dict())
+    metrics, job = launch.run(p, "lineval", evaluate, p, identity=identity, single_task=True)
     print(f"lineval: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
     write_metrics("metrics/lineval.json", metrics, p, p.lineval.seed, job)
 

@@ -5,8 +5,7 @@ Runs here or as a (multi-GPU, multi-node) SLURM job, per launch.executor; blocks
 from pathlib import Path
 
 from pipeline import launch
-from pipeline.checkpoint import params_hash
-from pipeline.cli import run_stage, write_metrics
+from pipeline.cli import run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.train.pretrain import pretrain, run_identity
 
@@ -15,10 +14,11 @@ def main(p: Params) -> None:
     here = Path.cwd()
     classes = here / "data/ffcv/classes.txt"  # label i = line i, written by ffcv_convert
     class_names = classes.read_text().splitlines() if classes.is_file() else None
+    identity = stage_identity("pretrain", p, run_identity(p))
     metrics, job = launch.run(
         p, "pretrain", pretrain, p, here / "data/ffcv/train.beton", here / "data/ffcv/val.beton",
         here / "models/pretrain/checkpoint.pt", here / "checkpoints/pretrain/last.pt", here / "dvclive/pretrain",
-        here / "analysis/pretrain", class_names, identity=params_hash(run_identity(p)),
+        here / "analysis/pretrain", class_names, identity, identity=identity,
     )
     write_metrics("metrics/pretrain.json", metrics, p, p.pretrain.seed, job)
 

@@ -76,6 +76,9 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(setup, tmp_path, monke
     # a run with other params does not resume from these checkpoints
     m = train.finetune(tiny_params(root, max_iter=2), "voc", weights, tmp_path)
     assert m["trials"][0]["timing"]["resumed_at"] == 0
+    # nor does one with the same params but other stage code or data (cli.stage_identity)
+    m = train.finetune(tiny_params(root, max_iter=2), "voc", weights, tmp_path, identity="edited code")
+    assert m["trials"][0]["timing"]["resumed_at"] == 0
 
 
 def test_trials_report_mean_and_std():

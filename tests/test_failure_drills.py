@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.cli import run_stage
+from pipeline.cli import run_stage, stage_deps, stage_identity
 from pipeline.config import Params
 from pipeline.data.ffcv_io import write_beton
 from pipeline.models.backbone import load_backbone, resnet
@@ -167,3 +167,38 @@ def test_require_writable_names_the_directory_and_the_space(tmp_path: Path):
         checkpoint.require_writable(tmp_path / "new" / "last.pt", 10**18)
     checkpoint.require_writable(tmp_path / "new" / "last.pt", 1)
     assert list((tmp_path / "new").iterdir()) == []  # the probe file is gone
+
+
+# ---- a checkpoint of other code or data ------------------------------------------------------------------
+
+
+def test_stage_identity_follows_the_stage_code_and_data_not_other_files(tmp_path: Path, monkeypatch):
+    """`dvc repro` re-runs a stage after its code or data changed; resuming the old run's checkpoint would
+    record the old outputs under the new dependencies."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "loss.py").write_text("T = 0.2\n")
+    (tmp_path / "code" / "__pycache__").mkdir()
+    (tmp_path / "data.bin").write_bytes(b"x" * 64)
+    (tmp_path / "other.py").write_text("")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    deps:\n      - code\n      - ${data.train_dir}\n")
+    monkeypatch.chdir(tmp_path)
+    p = Params()
+    p = replace(p, data=replace(p.data, train_dir="data.bin"))
+    assert stage_deps("train", p) == [Path("code"), Path("data.bin")]
+    base = stage_identity("train", p, {"lr": 0.1})
+    (tmp_path / "other.py").write_text("x = 1\n")  # not a dependency
+    (tmp_path / "code" / "__pycache__" / "loss.cpython-311.pyc").write_bytes(b"\0")  # bytecode cache
+    assert stage_identity("train", p, {"lr": 0.1}) == base
+    assert stage_identity("train", p, {"lr": 0.2}) != base  # params
+    (tmp_path / "code" / "loss.py").write_text("T = 0.07\n")  # code
+    changed = stage_identity("train", p, {"lr": 0.1})
+    assert changed != base
+    (tmp_path / "data.bin").write_bytes(b"y" * 64)  # data, small: by content
+    assert stage_identity("train", p, {"lr": 0.1}) != changed
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"z" * 100)
+    before = checkpoint.files_digest([big], content_limit=10)
+    os.utime(big, ns=(1, 1))  # a large file counts by size and time: rewritten = changed
+    assert checkpoint.files_digest([big], content_limit=10) != before
+    with pytest.raises(ValueError, match="no stage 'eval'"):
+        stage_deps("eval", p)

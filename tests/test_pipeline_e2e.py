@@ -120,3 +120,11 @@ def test_killed_pretraining_resumes_from_the_saved_step(project):
     differ = [k for k in straight["model"] if not torch.equal(resumed["model"][k], straight["model"][k])]
     assert not differ, f"resumed and uninterrupted runs differ in {differ[:5]}"
     assert json.loads((path / "metrics/pretrain.json").read_text())["loss"] == final["loss"]
+
+    # the same code continues the finished run (nothing left to train); after a change to the stage's code it
+    # starts afresh: dvc repro must not record the old run's weights under the new code
+    assert f"resuming {state} at epoch 5" in run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    with open(path / "pipeline/analysis.py", "a") as f:
+        f.write("\n# edited\n")
+    out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    assert "belongs to other params, code or data; starting from scratch" in out and "resuming" not in out

@@ -158,8 +158,11 @@ def _prepare(out: Path, identity: str) -> None:
     marker.write_text(identity + "\n")
 
 
-def finetune(p: Params, task: str, weights: Path, out_dir: Path) -> dict:
+def finetune(p: Params, task: str, weights: Path, out_dir: Path, identity: str = "") -> dict:
     """All trials of `task` from the converted `weights`; mean and std of AP, AP50, AP75 per result type.
+
+    A trial resumes from its checkpoints in out_dir only if they were written with the same detectron2
+    config, weights and `identity` (the stage's code and data: cli.stage_identity).
 
     Runs in each process of the job; rank 0's return value is the stage's metrics."""
     rank, world, device = init_distributed()
@@ -176,7 +179,7 @@ def finetune(p: Params, task: str, weights: Path, out_dir: Path) -> dict:
                             output_dir=out, seed=run.seed + trial, num_workers=p.detection.num_workers,
                             device=str(device.type))
         if rank == 0:
-            _prepare(out, params_hash({"cfg": cfg.dump(), "weights": weights_digest}))
+            _prepare(out, params_hash({"cfg": cfg.dump(), "weights": weights_digest, "stage": identity}))
         comm.synchronize()
         trials.append(_train_trial(cfg, trial, run.trials))
     return summarize(trials) | {"task": task, "init": p.detection.init, "iterations": run.max_iter,

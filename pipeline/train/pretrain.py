@@ -221,12 +221,13 @@ def class_similarity(pt: PretrainParams, class_names: list[str] | None) -> torch
 
 
 def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, state_path: Path, live_dir: Path,
-             analysis_dir: Path, class_names: list[str] | None = None) -> dict | None:
+             analysis_dir: Path, class_names: list[str] | None = None, identity: str | None = None) -> dict | None:
     """Train MoCo v2 on `train_beton`; rank 0 writes the final checkpoint to `out_path` and returns metrics.
 
     `state_path` holds the last checkpoint: every epoch end, and mid-epoch when SLURM signals a preemption
     or the time limit (then the job requeues itself). A run with the same params that finds it continues
-    from its exact step. `class_names` (label order) enable the WordNet analysis (class_similarity).
+    from its exact step, if it has the same `identity` (default: a hash of run_identity; the stage adds its
+    code and data, cli.stage_identity). `class_names` (label order) enable the WordNet analysis.
     """
     pt = p.pretrain
     rank, world, device = init_distributed()
@@ -246,7 +247,7 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     base_lr = pt.lr * global_batch / 256
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=pt.momentum,
                                 weight_decay=pt.weight_decay)
-    identity = checkpoint.params_hash(run_identity(p))
+    identity = identity or checkpoint.params_hash(run_identity(p))
     produced_by = provenance(p, pt.seed)
     # progress: the epoch in progress, batches of it done, global step, that epoch's running sums
     epoch0, batch0, step, sums, last = 0, 0, 0, [0.0, 0, 0, 0], {}
@@ -261,7 +262,7 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
             if rank == 0:
                 print(f"pretrain: resuming {state_path} at epoch {epoch0 + 1} batch {batch0} (step {step})", flush=True)
         elif rank == 0:
-            print(f"pretrain: {state_path} belongs to other params; starting from scratch", flush=True)
+            print(f"pretrain: {state_path} belongs to other params, code or data; starting from scratch", flush=True)
 
     def save_state(epoch: int, batch: int) -> None:
         if rank == 0:
