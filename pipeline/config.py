@@ -100,6 +100,8 @@ class PretrainParams:
     temperature: float = _f(0.2, min_exclusive=0)  # T
     mlp: bool = _f(True)  # v2 projection head (fc-ReLU-fc); False = v1 linear head
     bn_splits: int = _f(8, min=1)  # one process: emulate shuffle BN with this many BN groups (1 = off)
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # autocast of forward + loss; auto: bf16 on GPU
+    memory_format: str = _f("auto", choices=("auto", "contiguous", "channels_last"))  # auto: channels_last on GPU
     analysis_every: int = _f(2, min=1)  # epochs between the analyses of the val set (and the last epoch)
     wordnet: str = _f("/usr/share/wordnet/data.noun")  # WordNet 3.0 nouns, for classes named by ImageNet ids; "" = off
     keep_every: int = _f(0, min=0)  # also keep checkpoints/pretrain/epoch_<n>.pt every this many epochs (0 = off)

@@ -1,14 +1,18 @@
-"""MoCo v2 mechanics against slow, obvious references: loss, queue update, momentum update, split BN."""
+"""MoCo v2 mechanics against slow, obvious references: loss, queue update, momentum update, split BN; the
+bf16 / channels_last training path."""
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import PretrainParams
 from pipeline.losses import infonce
 from pipeline.models.backbone import SplitBatchNorm
 from pipeline.models.moco import MoCo
-from pipeline.train.pretrain import lr_at
+from pipeline.train.pretrain import fast_paths, lr_at, pretrain
+from tests.conftest import tiny_pretrain
 
 
 def tiny_moco(**kw) -> MoCo:
@@ -132,3 +136,17 @@ def test_hard_negative_warm_up_is_respected_and_synthetic_points_join_the_loss()
     assert after > before and bool((hits_all <= hits).all())
     after.backward()
     assert q.grad is not None  # the query gets gradient through the synthetic logits, the points none
+
+
+def test_bf16_and_channels_last_pretraining_on_cpu_and_auto_means_gpu_only(betons, tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert fast_paths(PretrainParams(), cpu) == (False, torch.contiguous_format)  # the toy run stays fp32
+    assert fast_paths(PretrainParams(), cuda) == (True, torch.channels_last)
+    assert fast_paths(PretrainParams(precision="fp32", memory_format="contiguous"), cuda) == (
+        False, torch.contiguous_format)
+    p, (out, state, live, analysis) = tiny_pretrain(tmp_path, method="synco", hard_start_epoch=0, precision="bf16",
+                                                    memory_format="channels_last")
+    metrics = pretrain(p, *betons, out, state, live, analysis)
+    assert math.isfinite(metrics["loss"]) and metrics["steps"] == 3
+    weights = torch.load(out, weights_only=True)["model"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}  # autocast, not casts

@@ -194,6 +194,17 @@ def run_identity(p: Params) -> dict:
     return {"model": asdict(p.model), "pretrain": asdict(p.pretrain), "world_size": p.world_size}
 
 
+def fast_paths(pt: PretrainParams, device: torch.device) -> tuple[bool, torch.memory_format]:
+    """(bf16 autocast on?, memory format of the model and batches) for pretrain.precision / memory_format.
+
+    "auto" turns both on for CUDA only: tensor cores want bf16 and NHWC; on CPU fp32 keeps the toy run
+    bit-reproducible, and bf16 there depends on the CPU's instruction set."""
+    gpu = device.type == "cuda"
+    bf16 = pt.precision == "bf16" or (pt.precision == "auto" and gpu)
+    nhwc = pt.memory_format == "channels_last" or (pt.memory_format == "auto" and gpu)
+    return bf16, torch.channels_last if nhwc else torch.contiguous_format
+
+
 def stage_to_scratch(betons: list[Path], scratch: str, local_rank: int) -> list[Path]:
     """Copy the .beton files to node-local scratch once per node (launch.local_scratch); their paths there."""
     if not scratch:
@@ -236,7 +247,8 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     local_rank = int(os.environ.get("SLURM_LOCALID", 0))
     train_beton, val_beton = stage_to_scratch([train_beton, val_beton], p.launch.local_scratch, local_rank)
     torch.manual_seed(pt.seed)
-    model = build_model(p).to(device)
+    bf16, memory_format = fast_paths(pt, device)
+    model = build_model(p).to(device, memory_format=memory_format)
     if rank == 0:  # an unwritable or full disk fails now, not at the first checkpoint
         need = 3 * sum(t.nbytes for t in model.state_dict().values())  # model + SGD momentum + final copy
         for path in (state_path, out_path):
@@ -313,11 +325,13 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
         for batch, (im_q, im_k, y) in enumerate(bar):
             if batch < skip:  # resumed mid-epoch: these batches were trained before the interruption
                 continue
-            im_q, im_k = im_q.to(device, non_blocking=True), im_k.to(device, non_blocking=True)
+            im_q = im_q.to(device, memory_format=memory_format, non_blocking=True)  # [B, 3, res, res]
+            im_k = im_k.to(device, memory_format=memory_format, non_blocking=True)  # [B, 3, res, res]
             B = im_q.shape[0]
-            out = moco(im_q, im_k)
             query_index = step * global_batch + rank * B + torch.arange(B, device=device)  # [B] global query ids
-            loss, hits, hits_all = step_loss(out, model.queue, pt, epoch, query_index)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # backward and SGD outside
+                out = moco(im_q, im_k)
+                loss, hits, hits_all = step_loss(out, model.queue, pt, epoch, query_index)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {step} (epoch {epoch + 1}); last good checkpoint: "
