@@ -337,6 +337,29 @@ def test_error_in_loading_thread_reaches_the_consumer(train_beton: Path, monkeyp
         next(iter(loader))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's death is the point
+def test_death_of_ffcv_loading_thread_fails_instead_of_hanging(train_beton: Path, monkeypatch):
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    def broken(self, *args):
+        raise KeyError("numba could not compile the pipeline")
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", broken)
+    loader = EvalLoader(train_beton, batch_size=4, res=16, num_workers=1, train_aug=False)
+    outcome = []
+
+    def consume() -> None:
+        try:
+            next(iter(loader))
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=60)
+    assert outcome == ["ffcv's loading thread ended before its epoch did (its traceback is above)"]
+
+
 def test_batches_kept_by_the_caller_stay_valid(train_beton: Path):
     """ffcv reuses its output buffers after batches_ahead + 2 batches; what we yield must not alias them."""
     loader = EvalLoader(train_beton, batch_size=2, res=16, num_workers=1, train_aug=False)

@@ -24,6 +24,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
@@ -339,6 +340,17 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
         torch.set_num_threads(state.torch_threads)  # see LoaderState
 
 
+def _wait_for_batch(it: EpochIterator) -> None:
+    """Block until ffcv's loading thread has put its next batch (or end marker) in the queue; fail if that
+    thread died instead (a numba compile error, a bad record): ffcv's own next() would wait for ever."""
+    queue = it.output_queue
+    with queue.not_empty:
+        while not queue._qsize():
+            if not it.is_alive():
+                raise RuntimeError("ffcv's loading thread ended before its epoch did (its traceback is above)")
+            queue.not_empty.wait(timeout=0.5)
+
+
 def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[dict[str, Tensor]]:
     """One epoch of named batches; waits for ffcv's prefetch thread if the consumer leaves early.
 
@@ -349,7 +361,12 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
     loader.next_epoch = epoch  # ffcv's RANDOM order of this epoch: permutation seeded by seed + epoch
     it = iter(loader)
     try:
-        for batch in it:
+        while True:
+            _wait_for_batch(it)
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
             if state.errors:
                 raise state.errors[0]
             torch.set_num_threads(state.torch_threads)  # ffcv's epoch thread set num_workers (see LoaderState)
