@@ -89,10 +89,14 @@ def params_hash(section: dict) -> str:
     return hashlib.sha256(json.dumps(section, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SOURCE_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".json", ".txt", ".sh", ".cfg")
+
+
 def files_digest(paths: list[Path], content_limit: int = 16 * 2**20) -> str:
-    """A short hash of the files at `paths` (a directory counts as every file under it): by content up to
-    `content_limit` bytes (code, configs), by size and modification time above (datasets and models, which
-    would take minutes to read); a missing path counts as missing. Python's bytecode caches are skipped."""
+    """A short hash of the files at `paths` (a directory counts as every file under it): code and configs
+    (SOURCE_SUFFIXES, up to `content_limit` bytes) by content, anything else (images, .beton, weights,
+    annotations) by size and modification time, so that a dataset of 100k files costs a stat each, not a
+    read; a missing path counts as missing. Python's bytecode caches are skipped."""
     h = hashlib.sha256()
     for root in paths:
         files = sorted(f for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
@@ -101,8 +105,9 @@ def files_digest(paths: list[Path], content_limit: int = 16 * 2**20) -> str:
             h.update(str(f).encode() + b"\0")
             if not f.is_file():
                 h.update(b"missing\0")
-            elif (st := f.stat()).st_size <= content_limit:
+            elif f.suffix in SOURCE_SUFFIXES and f.stat().st_size <= content_limit:
                 h.update(hashlib.sha256(f.read_bytes()).digest())
             else:
+                st = f.stat()
                 h.update(f"{st.st_size} {st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:16]

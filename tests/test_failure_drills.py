@@ -188,17 +188,19 @@ def test_stage_identity_follows_the_stage_code_and_data_not_other_files(tmp_path
     base = stage_identity("train", p, {"lr": 0.1})
     (tmp_path / "other.py").write_text("x = 1\n")  # not a dependency
     (tmp_path / "code" / "__pycache__" / "loss.cpython-311.pyc").write_bytes(b"\0")  # bytecode cache
+    os.utime(tmp_path / "code" / "loss.py", ns=(1, 1))  # code counts by content (a checkout touches it)
     assert stage_identity("train", p, {"lr": 0.1}) == base
     assert stage_identity("train", p, {"lr": 0.2}) != base  # params
     (tmp_path / "code" / "loss.py").write_text("T = 0.07\n")  # code
     changed = stage_identity("train", p, {"lr": 0.1})
     assert changed != base
-    (tmp_path / "data.bin").write_bytes(b"y" * 64)  # data, small: by content
+    os.utime(tmp_path / "data.bin", ns=(1, 1))  # data count by size and time: rewritten = changed
     assert stage_identity("train", p, {"lr": 0.1}) != changed
-    big = tmp_path / "big.bin"
-    big.write_bytes(b"z" * 100)
+    big = tmp_path / "big.py"
+    big.write_text("x = 1\n" * 10)
     before = checkpoint.files_digest([big], content_limit=10)
-    os.utime(big, ns=(1, 1))  # a large file counts by size and time: rewritten = changed
+    big.write_text("x = 2\n" * 10)
+    os.utime(big, ns=(1, 1))  # a source file over the limit counts by size and time too
     assert checkpoint.files_digest([big], content_limit=10) != before
     with pytest.raises(ValueError, match="no stage 'eval'"):
         stage_deps("eval", p)
