@@ -128,21 +128,32 @@ def peak_memory(name: str, data: Path, beton: Path, args: argparse.Namespace) ->
             "epoch_peak_rss_mib": round(peak["epoch"]), "end_pss_mib": round(pss)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="ImageFolder dir (default: ~1000 generated 96x96 JPEGs)")
+def image_options(p: argparse.ArgumentParser) -> None:
+    """The options on the images and views, shared with bench.loader_parts."""
+    p.add_argument("--data", type=Path, help="ImageFolder dir (default: ~1000 generated JPEGs)")
     p.add_argument("--image-size", type=int, default=96, help="side of the generated JPEGs (without --data)")
     p.add_argument("--res", type=int, default=64, help="side of the augmented views")
     p.add_argument("--batch-size", type=int, default=128)
+
+
+def images_and_beton(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, dict]:
+    """The ImageFolder (--data, else generated under tmp), its .beton in tmp with the images stored as they
+    are, and write_beton's summary."""
+    data = args.data or make_image_folder(tmp / "images", size=args.image_size)
+    beton = tmp / "train.beton"
+    return data, beton, write_beton(data, beton, max_resolution=65535, num_workers=args.workers)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    image_options(p)
     p.add_argument("--workers", type=int, default=2, help="ffcv threads = DataLoader worker processes")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader, after one warm-up epoch")
     args = p.parse_args()
     aug = AugParams()
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        data = args.data or make_image_folder(Path(tmp) / "images", size=args.image_size)
-        beton = Path(tmp) / "train.beton"
-        info = write_beton(data, beton, max_resolution=65535, num_workers=args.workers)  # stored as is
+        data, beton, info = images_and_beton(args, Path(tmp))
         print(f"{info['images']} images from {data}, res {args.res}, batch {args.batch_size}, "
               f"{args.workers} workers, {args.epochs} timed epochs each")
 

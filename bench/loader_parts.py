@@ -41,9 +41,9 @@ from torchvision.datasets.folder import ImageFolder, pil_loader
 import pipeline.data.augment as augment
 import pipeline.data.ffcv_io as ffcv_io
 from bench.common import result
-from bench.loader import aug_plus_steps, make_image_folder, timed_epoch
+from bench.loader import aug_plus_steps, image_options, images_and_beton, timed_epoch
 from pipeline.data.augment import AugParams, MocoV2Augment, to_float
-from pipeline.data.ffcv_io import RATIO, TwoViewLoader, keyed_random_crop, mix64_nb, write_beton
+from pipeline.data.ffcv_io import RATIO, TwoViewLoader, keyed_random_crop, mix64_nb
 
 # dispatchers of their own: numba fails (KeyError) when the loader's compiled decoder calls the one these loops
 # were compiled with
@@ -203,18 +203,13 @@ def loader_rate(beton: Path, res: int, batch_size: int, workers: int, aug: AugPa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, help="ImageFolder dir (default: ~1000 generated JPEGs)")
-    p.add_argument("--image-size", type=int, default=96, help="side of the generated JPEGs (without --data)")
-    p.add_argument("--res", type=int, default=64, help="side of the augmented views")
-    p.add_argument("--batch-size", type=int, default=128)
+    image_options(p)
     p.add_argument("--workers", type=int, default=2, help="ffcv threads, for the loader part")
     args = p.parse_args()
     aug = AugParams()
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_parts_") as tmp:
-        data = args.data or make_image_folder(Path(tmp) / "images", size=args.image_size)
-        beton = Path(tmp) / "train.beton"
-        info = write_beton(data, beton, max_resolution=65535, num_workers=args.workers)  # stored as is
+        data, beton, info = images_and_beton(args, Path(tmp))
         print(f"{info['images']} images from {data}, res {args.res}, batch {args.batch_size}; "
               "parts on one thread, ms per image (both views)")
         threads = torch.get_num_threads()
