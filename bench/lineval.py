@@ -30,7 +30,8 @@ CLASSES = 8
 
 def timed(backbone, arch: str, betons: dict, lp: LinevalParams, workers: int, live_dir: Path) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    metrics = linear_eval(backbone, arch, betons["train"], betons["val"], CLASSES, lp, workers, live_dir)
+    metrics = linear_eval(backbone, arch, betons["train"], betons["val"], CLASSES, lp, workers, live_dir,
+                          torch.device("cpu"))
     return time.perf_counter() - t0, metrics
 
 

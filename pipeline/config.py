@@ -8,6 +8,7 @@ and what is allowed, before any stage does work.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -311,6 +312,14 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(f"params: pretrain.synco.counts = {counts!r} must be six integers >= 0 (n1..n6)")
     if pt.method == "mochi" and pt.mochi.s + pt.mochi.s_prime == 0 or pt.method == "synco" and sum(counts) == 0:
         raise ConfigError(f"params: pretrain.method = {pt.method} with no synthetic negatives (all counts 0)")
+    if pt.method != "moco":
+        n_hard = getattr(pt, pt.method).n_hard
+        left = pt.queue_size - math.ceil(round(pt.drop_hardest * pt.queue_size, 9))  # as losses.drop_hardest
+        if n_hard > left:
+            raise ConfigError(
+                f"params: pretrain.{pt.method}.n_hard = {n_hard} must be at most the {left} queue entries left "
+                f"after pretrain.drop_hardest = {pt.drop_hardest} of pretrain.queue_size = {pt.queue_size}"
+            )
     _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
     _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
     toy = p.detection.toy

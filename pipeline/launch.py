@@ -34,14 +34,18 @@ class JobFailed(RuntimeError):
     """A SLURM job of a stage did not complete: the message has its id, state and error-log tail."""
 
 
+def local_device() -> torch.device:
+    """The device a single-process job trains on: the (first visible) GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device) of this process; sets up the process group in a multi-task SLURM job.
 
     The rendezvous is the first node of the job on a port derived from the job id, so concurrent jobs on
     one node do not collide. NCCL on GPUs, gloo on CPU."""
     if "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) == 1:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
+        return 0, 1, local_device()
     env = submitit.JobEnvironment()
     os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
     os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 20000))

@@ -21,8 +21,9 @@ def evaluate(p: Params) -> dict:
     num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
     betons = Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton")
     kn = p.knn
-    top1 = {name: knn_top1(net, *betons, kn.res, kn.batch_size, p.data.num_workers, kn.k, kn.temperature, num_classes)
-            for name, net in (("pretrained", pretrained), ("random_init", control))}
+    device = launch.local_device()
+    top1 = {name: knn_top1(net, *betons, kn.res, kn.batch_size, p.data.num_workers, kn.k, kn.temperature, num_classes,
+                           device) for name, net in (("pretrained", pretrained), ("random_init", control))}
     return {"top1": top1["pretrained"], "random_init_top1": top1["random_init"],
             "gain": top1["pretrained"] - top1["random_init"], "k": kn.k, "temperature": kn.temperature}
 

@@ -19,14 +19,15 @@ def evaluate(p: Params) -> dict:
     backbone = load_backbone(ckpt, p.model.arch)
     num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
     metrics = linear_eval(backbone, p.model.arch, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
-                          num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"))
+                          num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"), launch.local_device())
     return metrics | {"checkpoint": str(ckpt)}
 
 
 def main(p: Params) -> None:
     identity = stage_identity("lineval", p, p.to_dict())
     metrics, job = launch.run(p, "lineval", evaluate, p, identity=identity, single_task=True)
-    print(f"lineval: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+    print(f"lineval: top-1 {metrics['top1']:.2f} (last epoch), {metrics['top1_best']:.2f} (best, epoch "
+          f"{metrics['best_epoch']})  top-5 {metrics['top5']:.2f}")
     write_metrics("metrics/lineval.json", metrics, p, p.lineval.seed, job)
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.analysis import class_similarity_by_rank, same_class_sources
+from pipeline.analysis import class_similarity_by_rank, same_class_sources, synthetic_sources
 from pipeline.config import MochiParams, PretrainParams, SyncoParams
 from pipeline.models.negatives import mochi, synco
 from pipeline.report import write_figures
-from pipeline.train.pretrain import pretrain, synthetic_sources
+from pipeline.train.pretrain import pretrain
 from pipeline.wordnet import WordNet, is_wnid
 from tests.conftest import tiny_pretrain
 

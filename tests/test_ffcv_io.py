@@ -183,11 +183,12 @@ def test_two_views_are_two_crops_of_the_same_image(tiny_imagefolder: Path, train
     loader = TwoViewLoader(train_beton, batch_size=4, res=24, aug=NO_COLOUR, num_workers=1, seed=0)
     assert len(loader) == 3
     seen = []
-    for x1, x2, y in loader:
+    for x1, x2, y, index in loader:
         assert x1.shape == x2.shape == (4, 3, 24, 24) and x1.dtype == torch.float32 and y.dtype == torch.int64
         ids = _identify(x1, source_means)
         assert (ids == _identify(x2, source_means)).all()
         assert y.tolist() == [source_labels[i] for i in ids]
+        assert index.tolist() == ids.tolist()  # each sample's position in the .beton travels with it
         assert not torch.equal(x1, x2)  # different crops / flips
         seen += ids.tolist()
     assert sorted(seen) == list(range(12))  # one epoch = every image once, shuffled
@@ -195,7 +196,7 @@ def test_two_views_are_two_crops_of_the_same_image(tiny_imagefolder: Path, train
 
 def test_views_have_independent_colour_augmentation(train_beton: Path):
     loader = TwoViewLoader(train_beton, batch_size=12, res=16, aug=A.AugParams(), num_workers=1, seed=0)
-    x1, x2, _ = next(iter(loader))
+    x1, x2, _, _ = next(iter(loader))
     colour1, colour2 = x1.mean(dim=(2, 3)), x2.mean(dim=(2, 3))  # [12, 3]
     assert (colour1 - colour2).abs().max() > 0.3
 
@@ -204,7 +205,7 @@ def test_reproducible_across_workers_epochs_and_resume(train_beton: Path):
     one = TwoViewLoader(train_beton, batch_size=5, res=16, aug=A.AugParams(), num_workers=1, seed=3)
     two = TwoViewLoader(train_beton, batch_size=5, res=16, aug=A.AugParams(), num_workers=2, seed=3)
     e2 = _epoch(one, 2)
-    assert len(e2) == 2 * 3  # 12 images, batch 5, drop_last: 2 batches of (x1, x2, labels)
+    assert len(e2) == 2 * 4  # 12 images, batch 5, drop_last: 2 batches of (x1, x2, labels, indices)
     assert all(torch.equal(a, b) for a, b in zip(e2, _epoch(two, 2), strict=True))  # workers
     assert all(torch.equal(a, b) for a, b in zip(e2, _epoch(one, 2), strict=True))  # iterating again
     e3 = _epoch(two, 3)
@@ -281,7 +282,7 @@ def test_single_image_dataset_gets_new_crops_every_epoch(tiny_imagefolder: Path)
     write_beton(folder, beton, max_resolution=64)
     loader = TwoViewLoader(beton, batch_size=8, res=16, aug=NO_COLOUR, num_workers=1, seed=0, drop_last=False)
     epochs = [_epoch(loader, e) for e in range(4)]
-    assert all(len(e) == 3 and e[0].shape[0] == 1 for e in epochs)
+    assert all(len(e) == 4 and e[0].shape[0] == 1 for e in epochs)
     assert all(not torch.equal(epochs[0][0], e[0]) for e in epochs[1:])
 
 
@@ -295,7 +296,7 @@ def test_distributed_ranks_are_disjoint(tiny_imagefolder: Path, train_beton: Pat
         loader = TwoViewLoader(train_beton, batch_size=3, res=16, aug=NO_COLOUR, num_workers=1, seed=0,
                                distributed=True)
         loader.set_epoch(1)
-        ids = [i for x1, _, _ in loader for i in _identify(x1, source_means).tolist()]
+        ids = [i for x1, *_ in loader for i in _identify(x1, source_means).tolist()]
         assert len(ids) == len(loader) * 3 == 6
         seen.append(set(ids))
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(12))
@@ -368,4 +369,4 @@ def test_batches_kept_by_the_caller_stay_valid(train_beton: Path):
     copied = [(x.clone(), y.clone()) for x, y in loader]
     assert all(torch.equal(a, b) for k, c in zip(kept, copied, strict=True) for a, b in zip(k, c, strict=True))
     two_view = list(TwoViewLoader(train_beton, batch_size=2, res=16, aug=A.AugParams(), num_workers=1, seed=0))
-    assert sorted(torch.cat([y for _, _, y in two_view]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert sorted(torch.cat([b.label for b in two_view]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4

@@ -8,7 +8,7 @@ def test_weighted_knn_matches_loop_reference():
     torch.manual_seed(0)
     train_f, train_y = torch.randn(50, 8), torch.randint(0, 3, (50,))
     test_f = torch.randn(7, 8)
-    scores = knn_predict(train_f, train_y, test_f, 3, k=5, T=0.1, chunk=3)
+    scores = knn_predict(train_f, train_y, test_f, 3, k=5, T=0.1, chunk_bytes=4 * 3 * (50 + 5 * 3))  # chunks of 3
     tn, sn = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     for i in range(7):
         sims = [(float(sn[i] @ tn[j]), int(train_y[j])) for j in range(50)]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -273,8 +274,9 @@ class LoaderState:
     caller's torch thread count, restored after ffcv changes it (see the top of this module), and the
     threads that run the batch transform."""
 
-    def __init__(self, num_workers: int):
+    def __init__(self, num_workers: int, pin_memory: bool = False):
         self.epoch = np.zeros(1, dtype=np.int64)
+        self.pin_memory = pin_memory  # batches in page-locked memory: asynchronous copies to a GPU
         self.errors: list[BaseException] = []
         self.torch_threads = torch.get_num_threads()
         self.workers = max(1, num_workers)
@@ -302,7 +304,7 @@ class BatchTransform(Operation):
         def transform(images, _, batch_indices):
             B, V, H, W, _ = images.shape
             index, epoch = torch.from_numpy(batch_indices.astype(np.int64)), int(state.epoch[0])
-            out = torch.empty(V, B, 3, H, W)
+            out = torch.empty(V, B, 3, H, W, pin_memory=state.pin_memory)
 
             def run(a: int, b: int) -> None:
                 for v, x in enumerate(fn(images[a:b], index[a:b], epoch)):
@@ -324,6 +326,21 @@ class BatchTransform(Operation):
         return replace(previous_state, jit_mode=False, shape=(V, C, H, W), dtype=torch.float32), None
 
 
+class LabelAndIndex(Operation):
+    """labels [b, 1] -> [b, 2] (label, dataset index): each sample's index travels with its batch, for the
+    draws keyed by image (augmentation on the training device) and the analyses."""
+
+    def generate_code(self):
+        def label_and_index(labels, _, batch_indices):
+            return np.stack([labels[:, 0], batch_indices.astype(np.int64)], axis=1)  # [b, 2]
+
+        label_and_index.with_indices = True
+        return label_and_index
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, jit_mode=False, shape=(2,), dtype=np.dtype(np.int64)), None
+
+
 # ---- loaders ------------------------------------------------------------------------------------------
 
 
@@ -331,7 +348,7 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
                  distributed: bool, drop_last: bool, decoder: Operation, fn: Callable, state: LoaderState) -> Loader:
     """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label'."""
     pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), BatchTransform(fn, state)])}
-    pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
+    pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[LabelAndIndex(), ToTensor()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
     try:
         return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
@@ -381,15 +398,25 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
                 it.output_queue.get_nowait()
 
 
+class TwoViewBatch(NamedTuple):
+    """One pretraining batch, on the CPU: two aug+ views of each image, its class and its dataset index."""
+
+    im_q: Tensor  # [B, 3, res, res] float32, normalised
+    im_k: Tensor  # [B, 3, res, res]
+    label: Tensor  # [B] int64
+    index: Tensor  # [B] int64 position in the .beton
+
+
 class TwoViewLoader:
     """Two independently augmented MoCo v2 aug+ views of each image, one epoch per iteration.
 
-    Iterating twice without set_epoch repeats the same epoch (like DistributedSampler).
+    Iterating twice without set_epoch repeats the same epoch (like DistributedSampler). pin_memory: batches
+    in page-locked memory, for asynchronous copies to a GPU (needs CUDA).
     """
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = True):
-        self.epoch, self._state = 0, LoaderState(num_workers)
+                 distributed: bool = False, drop_last: bool = True, pin_memory: bool = False):
+        self.epoch, self._state = 0, LoaderState(num_workers, pin_memory)
         decoder = KeyedResizedCrops((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, 2, self._state.epoch)
         augment = [MocoV2Augment(aug, seed, v) for v in (0, 1)]
 
@@ -405,9 +432,10 @@ class TwoViewLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[TwoViewBatch]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["image"][0], b["image"][1], b["label"].view(-1).clone()  # [B, 3, res, res] x2, [B]
+            label, index = b["label"].clone().unbind(1)  # [B], [B]
+            yield TwoViewBatch(b["image"][0], b["image"][1], label, index)
 
 
 class EvalLoader:
@@ -415,8 +443,8 @@ class EvalLoader:
     a 224/256 centre crop in dataset order keeping every image (features, kNN, validation)."""
 
     def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
-                 seed: int = 0, distributed: bool = False):
-        self.epoch, self._state = 0, LoaderState(num_workers)
+                 seed: int = 0, distributed: bool = False, pin_memory: bool = False):
+        self.epoch, self._state = 0, LoaderState(num_workers, pin_memory)
         if train_aug:
             decoder = KeyedResizedCrops((res, res), keyed_random_crop, (0.08, 1.0), RATIO, seed, 1, self._state.epoch)
         else:
@@ -441,4 +469,4 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["image"][0], b["label"].view(-1).clone()  # [B, 3, res, res], [B]
+            yield b["image"][0], b["label"][:, 0].clone()  # [B, 3, res, res], [B]

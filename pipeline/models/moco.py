@@ -8,6 +8,8 @@ methods can share them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,6 +23,13 @@ def projection_head(in_dim: int, dim: int, mlp: bool) -> nn.Module:
     if not mlp:
         return nn.Linear(in_dim, dim)
     return nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, dim))
+
+
+def full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """Leave autocast (if it is on) so that fp32 inputs give fp32 results."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _distributed() -> bool:
@@ -66,15 +75,16 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def dequeue_and_enqueue(self, k: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Replace the oldest keys by this step's keys from all ranks; K is a multiple of the global batch.
-        labels [B] (optional): the keys' classes, kept beside the queue for the analyses."""
+        labels [B] (optional): the keys' classes, kept beside the queue for the analyses. The pointer stays
+        on the device (slots by index arithmetic): no host sync per step."""
         k = concat_all_gather(k)  # [B_global, dim]
         B = k.shape[0]
-        ptr = int(self.queue_ptr)
         if self.K % B:
             raise ValueError(f"queue size K={self.K} must be a multiple of the global batch {B}")
-        self.queue[ptr:ptr + B] = k
-        self.queue_labels[ptr:ptr + B] = -1 if labels is None else concat_all_gather(labels.to(k.device))  # [B_global]
-        self.queue_ptr[0] = (ptr + B) % self.K
+        slots = self.queue_ptr + torch.arange(B, device=k.device)  # [B_global], ptr..ptr+B-1 (never past K)
+        self.queue[slots] = k
+        self.queue_labels[slots] = -1 if labels is None else concat_all_gather(labels.to(k.device))  # [B_global]
+        self.queue_ptr.add_(B).remainder_(self.K)
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -91,20 +101,25 @@ class MoCo(nn.Module):
             dist.broadcast(perm, src=0)
             rank = dist.get_rank()
             k = self.encoder_k(x[perm[rank * B:(rank + 1) * B]])  # [B, dim]
-            k = concat_all_gather(F.normalize(k, dim=1))  # [B_global, dim], in permuted order
+            k = concat_all_gather(F.normalize(k.float(), dim=1))  # [B_global, dim] fp32, in permuted order
             unperm = torch.argsort(perm)  # [B_global]
             return k[unperm][rank * B:(rank + 1) * B]  # [B, dim]
         perm = torch.randperm(im_k.shape[0], device=im_k.device)  # [B]
-        k = F.normalize(self.encoder_k(im_k[perm]), dim=1)  # [B, dim], permuted order
+        k = F.normalize(self.encoder_k(im_k[perm]).float(), dim=1)  # [B, dim] fp32, permuted order
         return k[torch.argsort(perm)]  # [B, dim]
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> dict:
         """One MoCo step's similarities. Returns q [B, dim], k [B, dim], l_pos [B] = q.k+,
-        l_neg [B, K] = q.queue (before this step's keys are enqueued; divide by T for logits)."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # [B, dim]
+        l_neg [B, K] = q.queue (before this step's keys are enqueued; divide by T for logits).
+
+        The encoders may run under autocast; features and similarities are fp32 whatever they ran in: in
+        bf16 a logit at T 0.2 would move in steps of ~0.02, too coarse for the top-N selection of the hard
+        negatives, drop_hardest and the DCL/HCL subtractions downstream."""
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # [B, dim] fp32
         with torch.no_grad():
             self.momentum_update_key_encoder()
-            k = self.encode_keys(im_k)  # [B, dim]
-        l_pos = torch.einsum("bd,bd->b", q, k)  # [B]
-        l_neg = q @ self.queue.clone().detach().T  # [B, K]
+            k = self.encode_keys(im_k)  # [B, dim] fp32
+        with full_precision(q.device.type):
+            l_pos = torch.einsum("bd,bd->b", q, k)  # [B]
+            l_neg = q @ self.queue.clone().detach().T  # [B, K]
         return {"q": q, "k": k, "l_pos": l_pos, "l_neg": l_neg}

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import PretrainParams
+
 _M32 = 0xFFFFFFFF
 Synthesis = Tensor | tuple[Tensor, dict[str, Tensor]]  # the points, with the draws when return_info
 
@@ -171,3 +173,18 @@ def synco(q: Tensor, queue: Tensor, n_hard: int, counts: tuple[int, int, int, in
 def synthetic_logits(q: Tensor, h: Tensor) -> Tensor:
     """q.h [B, M] of each query with its own synthetic points h [B, M, D] (not divided by T)."""
     return torch.einsum("bd,bmd->bm", q, h)
+
+
+def synthesize(q: Tensor, queue: Tensor, l_neg: Tensor, pt: PretrainParams, query_index: Tensor,
+               return_info: bool = False) -> Synthesis:
+    """The configured method's (pretrain.method: mochi | synco) synthetic negatives [B, M, D] for each query
+    from its own top N of `l_neg` [B, K] (q @ queue.T, any entries dropped as presumed false negatives at
+    -inf). Draws are keyed by the global query index, so 1 and N processes make the same points for the
+    same global batch; under DDP the queue is the same global queue on every rank."""
+    if pt.method == "mochi":
+        c = pt.mochi
+        return mochi(q, queue, c.n_hard, c.s, c.s_prime, logits=l_neg, query_index=query_index, seed=pt.seed,
+                     return_info=return_info)
+    c = pt.synco
+    return synco(q, queue, c.n_hard, tuple(c.counts), c.sigma, c.delta, c.eta, logits=l_neg,
+                 query_index=query_index, seed=pt.seed, return_info=return_info)

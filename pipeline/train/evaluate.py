@@ -26,13 +26,14 @@ def weights_digest(net: nn.Module) -> str:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features [N, C] and labels [N] of one pass over `loader`, in eval mode."""
+def extract_features(backbone: nn.Module, loader, desc: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features [N, C] (fp32) and labels [N] of one pass over `loader`, in eval mode, both left on
+    `device` (the backbone's): the classifier and the kNN search then run there too."""
     backbone.eval()
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        feats.append(backbone(x))  # [B, C]
-        labels.append(y)
+        feats.append(extract_batch(backbone, x, device))  # [B, C]
+        labels.append(y.to(device, non_blocking=True))  # [B]
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -44,11 +45,15 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: tuple[int, ...]) -> 
 
 
 def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, num_classes: int,
-                k: int, T: float, chunk: int = 1024) -> torch.Tensor:
+                k: int, T: float, chunk_bytes: int = 1 << 30) -> torch.Tensor:
     """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T).
-    Returns class scores [N_test, C]."""
+    Returns class scores [N_test, C], on the features' device.
+
+    Test features go through in chunks whose similarity rows and votes fit in `chunk_bytes` (fp32): the
+    1.28M x 50k search of ImageNet would be 256 GB at once, ~1 GB per chunk of 200 queries."""
     train_f = F.normalize(train_f, dim=1)  # [N, C]
     k = min(k, train_f.shape[0])
+    chunk = max(1, chunk_bytes // (4 * (train_f.shape[0] + k * num_classes)))
     scores = []
     for test_chunk in F.normalize(test_f, dim=1).split(chunk):
         sim = test_chunk @ train_f.T  # [n, N]
@@ -58,50 +63,64 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     return torch.cat(scores)  # [N_test, C]
 
 
+def knn_features(backbone: nn.Module, train_beton: Path, val_beton: Path, res: int, batch_size: int, workers: int,
+                 device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(train features, train labels, val features, val labels), centre-cropped, eval mode, on `device`."""
+    backbone.to(device)
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    train = EvalLoader(train_beton, batch_size, res, workers, train_aug=False, pin_memory=pin)
+    val = EvalLoader(val_beton, batch_size, res, workers, train_aug=False, pin_memory=pin)
+    return (*extract_features(backbone, train, "knn: train features", device),
+            *extract_features(backbone, val, "knn: val features", device))
+
+
 def knn_top1(backbone: nn.Module, train_beton: Path, val_beton: Path, res: int, batch_size: int, workers: int,
-             k: int, T: float, num_classes: int) -> float:
+             k: int, T: float, num_classes: int, device: torch.device) -> float:
     """kNN top-1 (%) of the val set against the train set's features, both center-cropped, eval mode."""
-    train_f, train_y = extract_features(backbone, EvalLoader(train_beton, batch_size, res, workers, train_aug=False),
-                                        "knn: train features")
-    val_f, val_y = extract_features(backbone, EvalLoader(val_beton, batch_size, res, workers, train_aug=False),
-                                    "knn: val features")
+    train_f, train_y, val_f, val_y = knn_features(backbone, train_beton, val_beton, res, batch_size, workers, device)
     scores = knn_predict(train_f, train_y, val_f, num_classes, k, T)
     return 100.0 * topk_correct(scores, val_y, (1,))[0] / len(val_y)
 
 
 def linear_eval(backbone: nn.Module, arch: str, train_beton: Path, val_beton: Path, num_classes: int,
-                lp: LinevalParams, workers: int, live_dir: Path) -> dict:
-    """Train a linear classifier on the frozen backbone; top-1/top-5 (%) on val. Fails if the backbone changed."""
+                lp: LinevalParams, workers: int, live_dir: Path, device: torch.device) -> dict:
+    """Train a linear classifier on the frozen backbone, on `device`; top-1/top-5 (%) on val after the last
+    epoch and at the best epoch (main_lincls.py reports the best, i.e. selected on val; the last is the
+    unselected figure). Fails if the backbone changed."""
     torch.manual_seed(lp.seed)
     for p in backbone.parameters():
         p.requires_grad = False
-    backbone.eval()
+    backbone.to(device).eval()
     before = weights_digest(backbone)
 
     fc = nn.Linear(FEATURE_DIM[arch], num_classes)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
+    fc.to(device)
     base_lr = lp.lr * lp.batch_size / 256
     opt = torch.optim.SGD(fc.parameters(), lr=base_lr, momentum=lp.momentum, weight_decay=lp.weight_decay)
     milestones = [round(s * lp.epochs) for s in lp.lr_steps]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
 
-    val_loader = EvalLoader(val_beton, lp.batch_size, lp.res, workers, train_aug=False)
-    val_f, val_y = extract_features(backbone, val_loader, "lineval: val features")
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    val_loader = EvalLoader(val_beton, lp.batch_size, lp.res, workers, train_aug=False, pin_memory=pin)
+    val_f, val_y = extract_features(backbone, val_loader, "lineval: val features", device)  # [N_val, C], [N_val]
     if lp.augment:
-        train_loader = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=True, seed=lp.seed)
+        train_loader = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=True, seed=lp.seed,
+                                  pin_memory=pin)
     else:  # features computed once; the classifier then trains on shuffled mini-batches of them
-        plain = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=False)
-        train_f, train_y = extract_features(backbone, plain, "lineval: train features")
+        plain = EvalLoader(train_beton, lp.batch_size, lp.res, workers, train_aug=False, pin_memory=pin)
+        train_f, train_y = extract_features(backbone, plain, "lineval: train features", device)  # [N, C], [N]
 
     live = Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
-    for epoch in range(lp.epochs):
+    best = {"top1": -1.0}
+    for epoch in tqdm(range(lp.epochs), desc="lineval epochs", leave=False, dynamic_ncols=True):
         fc.train()
         if lp.augment:
             train_loader.set_epoch(epoch)
-            batches = ((backbone(x).detach(), y) for x, y in train_loader)
+            batches = ((extract_batch(backbone, x, device), y.to(device, non_blocking=True)) for x, y in train_loader)
         else:
-            perm = torch.randperm(len(train_y))
+            perm = torch.randperm(len(train_y)).to(device)  # [N], drawn on the CPU: the same order on any device
             batches = ((train_f[i], train_y[i]) for i in perm.split(lp.batch_size))
         loss_sum, n = 0.0, 0
         for f, y in batches:
@@ -112,13 +131,21 @@ def linear_eval(backbone: nn.Module, arch: str, train_beton: Path, val_beton: Pa
             loss_sum, n = loss_sum + loss.item() * len(y), n + len(y)
         sched.step()
         with torch.no_grad():
-            top1, top5 = topk_correct(fc(val_f), val_y, (1, 5))
+            top1, top5 = (100.0 * c / len(val_y) for c in topk_correct(fc(val_f), val_y, (1, 5)))
+        if top1 > best["top1"]:
+            best = {"top1": top1, "top5": top5, "epoch": epoch + 1}
         live.log_metric("lineval/train_loss", loss_sum / max(n, 1))
-        live.log_metric("lineval/val_top1", 100.0 * top1 / len(val_y))
+        live.log_metric("lineval/val_top1", top1)
         live.next_step()
     live.end()
 
     if weights_digest(backbone) != before:
         raise RuntimeError("lineval: the backbone weights or BN statistics changed during linear evaluation")
-    return {"top1": 100.0 * top1 / len(val_y), "top5": 100.0 * top5 / len(val_y), "epochs": lp.epochs,
-            "backbone_unchanged": True}
+    return {"top1": top1, "top5": top5, "top1_best": best["top1"], "top5_best": best["top5"],
+            "best_epoch": best["epoch"], "epochs": lp.epochs, "backbone_unchanged": True}
+
+
+@torch.no_grad()
+def extract_batch(backbone: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Frozen-backbone features [B, C] of one CPU batch [B, 3, H, W], on `device`."""
+    return backbone(x.to(device, non_blocking=True)).float()
