@@ -1,29 +1,31 @@
-"""Images/s of one MoCo v2 pretraining step for each method (moco, mochi, synco), relative to moco, with the
-time of every phase of the step; optionally a bf16-autocast and/or channels-last step against the plain
-fp32 step of the same method.
+"""Images/s of one MoCo v2 pretraining step for each method (moco, mochi, synco), relative to moco, with the time
+of every phase of the step; optionally a bf16-autocast and/or channels-last step against the plain fp32 step
+of the same method.
 
     python -m bench.pretrain_step [--device cpu|cuda] [--methods moco mochi synco] [--amp bf16]
         [--channels-last] [--bn-splits 8] [--arch resnet18] [--res 64] [--batch-size 64] [--queue-size 4096]
         [--steps 10] [--warmup 3] [--workers 2] [--images 512]   (from the repo root; ends with RESULT {json})
 
-The step is the one of pipeline/train/pretrain.py: MoCo forward (query encoder, momentum update, shuffled
-keys, logits against the queue), step_loss (synthetic negatives from each query's own top N, loss), backward,
-SGD step, enqueue; with the params' defaults (pipeline/config.py) for everything not given here, the
-MoCHi and SynCo settings printed in the header. Batches come from the real TwoViewLoader (ffcv + batched
-aug+) on a toy .beton built in a temp dir, so "data" is the time the step waits for its next batch while
-the loader's threads share the machine with the step, as in training.
+Each step is a call of pipeline/train/step.train_step itself: the batch to the device, MoCo forward (query
+encoder, momentum update, shuffled keys, fp32 logits against the queue), step_loss (synthetic negatives from
+each query's own top N, loss), backward, SGD step, enqueue; with the params' defaults (pipeline/config.py) for
+everything not given here, the MoCHi and SynCo settings printed in the header. Batches come from the real
+TwoViewLoader (ffcv + batched aug+) on a toy .beton built in a temp dir, so "data" is the time the step waits
+for its next batch while the loader's threads share the machine with the step, as in training.
 
-Fair: every configuration starts from the same weights and queue (seed 0) and reads the same batches
-(epochs 0, 1, ... from the start), runs `--warmup` untimed steps, then `--steps` timed ones, each ending
-once the keys are enqueued. Phases are timed back to back with perf_counter (on CUDA synchronized at every
-boundary), so they add up to the wall time of the timed steps; img/s = batch x steps / that time. The
-queue holds random unit keys; the synthesis costs the same whatever is in it.
+Fair: every configuration starts from the same weights and queue (seed 0) and reads the same batches (epochs
+0, 1, ... from the start), runs `--warmup` untimed steps, then `--steps` timed ones, each ending once the keys
+are enqueued. Phases are timed back to back with perf_counter (on CUDA synchronized at every boundary), so
+they add up to the wall time of the timed steps; img/s = batch x steps / that time. The phases inside
+train_step are cut by wrapping the model's forward and the synthesis (the step's code is unchanged): "to
+device" is the copy and memory-format change before the forward, "rest" the loss, backward, SGD and enqueue.
+The queue holds random unit keys; the synthesis costs the same whatever is in it.
 
-Variants: --amp bf16 runs the forward and step_loss under torch.autocast (backward and SGD outside, as
-torch's AMP recipe); --channels-last converts the model and each batch (the conversion is charged to
-"data"). The split BN that emulates shuffle BN (bn_splits > 1) regroups the batch as [N/S, S*C, H, W],
-which costs a channels_last batch two copies per BN layer: compare at --bn-splits 1 (DDP's real shuffle
-BN) to see channels_last alone.
+Variants: --amp bf16 runs the encoders under torch.autocast (similarities, synthesis, loss in fp32; backward
+and SGD outside, as torch's AMP recipe); --channels-last converts the model and each batch (the conversion is
+charged to "to device"). The split BN that emulates shuffle BN (bn_splits > 1) regroups the batch as [N/S,
+S*C, H, W], which costs a channels_last batch two copies per BN layer: compare at --bn-splits 1 (DDP's real
+shuffle BN) to see channels_last alone.
 """
 
 import argparse
@@ -35,73 +37,58 @@ from unittest import mock
 
 import torch
 
-import pipeline.train.pretrain as pretrain
+import pipeline.train.step as step
 from bench.common import PhaseClock, drain, result, toy_betons, where
 from pipeline.config import Params
 from pipeline.data.augment import AugParams
-from pipeline.data.ffcv_io import TwoViewLoader
+from pipeline.data.ffcv_io import TwoViewBatch, TwoViewLoader
 
-PHASES = ("data", "forward", "synthesis", "loss", "backward", "optimizer", "queue")
-HEADERS = ("data", "fwd q/k", "synth", "loss", "bwd", "opt", "queue")
+PHASES = ("data", "copy", "forward", "synthesis", "rest")
+HEADERS = ("data", "to device", "fwd q/k", "synth", "loss+bwd+opt+queue")
 
 
-def endless(loader: TwoViewLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def endless(loader: TwoViewLoader) -> Iterator[TwoViewBatch]:
     """Epochs 0, 1, 2, ... back to back: every configuration sees the same batches in the same order."""
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader
 
 
-def timed_synthesis(clock: PhaseClock):
-    """synthetic_negatives wrapped so that step_loss's own code is charged to "loss" and the synthesis to
-    "synthesis", while step_loss itself runs unchanged."""
-    synthesize = pretrain.synthetic_negatives
+def lapped(fn, clock: PhaseClock, before: str, after: str):
+    """fn wrapped so that the time up to its call is charged to `before` and its own time to `after`, while
+    train_step itself runs unchanged."""
 
     def wrapper(*args, **kwargs):
-        clock.lap("loss")  # drop_hardest and the proxy hits, before the synthesis
-        h = synthesize(*args, **kwargs)
-        clock.lap("synthesis")
-        return h
+        clock.lap(before)
+        out = fn(*args, **kwargs)
+        clock.lap(after)
+        return out
 
     return wrapper
 
 
 def run(p: Params, loader: TwoViewLoader, device: torch.device, amp: bool, channels_last: bool, warmup: int,
         steps: int) -> dict[str, float]:
-    """Seconds per phase summed over `steps` timed steps of the method in p.pretrain."""
-    pt = p.pretrain
+    """Seconds per phase summed over `steps` timed calls of step.train_step for the method in p.pretrain."""
     torch.manual_seed(0)
-    model = pretrain.build_model(p).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    model.train()
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=pt.lr * pt.batch_size / 256, momentum=pt.momentum,
-                                weight_decay=pt.weight_decay)
-    epoch = pt.hard_start_epoch  # synthetic negatives on, as after the warm-up epochs of a run
+    setup = step.StepSetup(device, amp, memory_format)
+    state = step.new_state(p, step.build_model(p), setup)
+    state.model.train()
+    state.epoch = p.pretrain.hard_start_epoch  # synthetic negatives on, as after the warm-up epochs of a run
     clock = PhaseClock(PHASES, device)
     batches = endless(loader)
-    with mock.patch.object(pretrain, "synthetic_negatives", timed_synthesis(clock)):
-        for step in range(warmup + steps):
-            if step == warmup:
+    model_forward = lapped(state.model.forward, clock, "copy", "forward")  # the copy happens just before it
+    with (mock.patch.object(state.model, "forward", model_forward),
+          mock.patch.object(step, "synthetic_negatives", lapped(step.synthetic_negatives, clock, "rest",
+                                                                     "synthesis"))):
+        for i in range(warmup + steps):
+            if i == warmup:
                 clock.start()
-            im_q, im_k, _ = next(batches)
-            im_q = im_q.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            im_k = im_k.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            batch = next(batches)
             clock.lap("data")
-            B = im_q.shape[0]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(im_q, im_k)
-                clock.lap("forward")
-                query_index = step * B + torch.arange(B, device=device)  # [B]
-                loss, _, _ = pretrain.step_loss(out, model.queue, pt, epoch, query_index)
-                clock.lap("loss")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clock.lap("backward")
-            optimizer.step()
-            clock.lap("optimizer")
-            model.dequeue_and_enqueue(out["k"])
-            clock.lap("queue")
+            step.train_step(state, batch, setup, p.pretrain)
+            clock.lap("rest")
     drain(batches, -(warmup + steps) % len(loader))  # to the end of the epoch in progress, then leave it
     batches.close()
     return clock.seconds

@@ -33,7 +33,7 @@ from bench.common import OUT, drain, result, toy_betons
 from pipeline.config import Params
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
-from pipeline.train.pretrain import build_model, step_loss
+from pipeline.train.step import StepSetup, build_model, new_state, train_step
 
 CLASSES = 8
 
@@ -45,10 +45,11 @@ def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: s
     pt = p.pretrain
     pt.method, pt.res, pt.batch_size = opts["method"], opts["res"], opts["batch_size"] // world
     torch.manual_seed(pt.seed)
-    model = build_model(p)
-    moco = DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=pt.lr * opts["batch_size"] / 256,
-                                momentum=pt.momentum, weight_decay=pt.weight_decay)
+    setup = StepSetup(torch.device("cpu"), rank=rank, world=world)
+    state = new_state(p, build_model(p), setup)
+    if world > 1:
+        setup = StepSetup(torch.device("cpu"), rank=rank, world=world, net=DistributedDataParallel(state.model))
+    state.epoch = pt.hard_start_epoch  # synthetic negatives on, as after the warm-up epochs of a run
     aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
     # ffcv also sets torch's threads to this count at every epoch start: the ranks split the cores
     threads = max(1, opts["workers"] // world)
@@ -56,28 +57,19 @@ def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: s
     loader = TwoViewLoader(Path(beton), pt.batch_size, pt.res, aug, threads, seed=pt.seed,
                            distributed=world > 1)
 
-    def step(i: int, im_q: torch.Tensor, im_k: torch.Tensor) -> None:
-        out = moco(im_q, im_k)
-        B = im_q.shape[0]
-        query_index = i * B * world + rank * B + torch.arange(B)  # [B] global query ids
-        loss, _, _ = step_loss(out, model.queue, pt, pt.hard_start_epoch, query_index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.dequeue_and_enqueue(out["k"])
-
-    moco.train()
+    (setup.net or state.model).train()
     loader.set_epoch(1 << 20)  # warm-up draws of their own
     batches = iter(loader)
-    for i in range(opts["warmup"]):
-        step(i, *next(batches)[:2])
+    for _ in range(opts["warmup"]):
+        train_step(state, next(batches), setup, pt)
     drain(batches)
     loader.set_epoch(0)
     dist.barrier()
     t0 = time.perf_counter()
     steps = 0
-    for steps, (im_q, im_k, _) in enumerate(loader, 1):
-        step(steps, im_q, im_k)
+    for batch in loader:
+        train_step(state, batch, setup, pt)
+        steps += 1
     dist.barrier()
     seconds = time.perf_counter() - t0
     if rank == 0:

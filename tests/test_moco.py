@@ -11,7 +11,8 @@ from pipeline.config import PretrainParams
 from pipeline.losses import infonce
 from pipeline.models.backbone import SplitBatchNorm
 from pipeline.models.moco import MoCo
-from pipeline.train.pretrain import fast_paths, lr_at, pretrain
+from pipeline.train.pretrain import lr_at, pretrain
+from pipeline.train.step import fast_paths
 from tests.conftest import tiny_pretrain
 
 
@@ -117,7 +118,7 @@ def test_cosine_and_step_schedules():
 def test_hard_negative_warm_up_is_respected_and_synthetic_points_join_the_loss():
     from pipeline.config import PretrainParams
     from pipeline.models.negatives import mochi, synthetic_logits
-    from pipeline.train.pretrain import step_loss
+    from pipeline.train.step import step_loss
 
     torch.manual_seed(0)
     q = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +50,7 @@ from pipeline.data.augment import (
     to_float,
     uniform,
 )
+from pipeline.data.batch import TwoViewBatch
 
 # ffcv sets torch's process-wide intra-op thread count to 1 when imported, and to num_workers on creating a
 # Loader and on starting an epoch; put a default back (OMP_NUM_THREADS, else a SLURM task's CPUs, else the
@@ -396,15 +396,6 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
             # queue full, that put would block for ever; free one slot for it
             if it.is_alive() and it.output_queue.full():
                 it.output_queue.get_nowait()
-
-
-class TwoViewBatch(NamedTuple):
-    """One pretraining batch, on the CPU: two aug+ views of each image, its class and its dataset index."""
-
-    im_q: Tensor  # [B, 3, res, res] float32, normalised
-    im_k: Tensor  # [B, 3, res, res]
-    label: Tensor  # [B] int64
-    index: Tensor  # [B] int64 position in the .beton
 
 
 class TwoViewLoader:

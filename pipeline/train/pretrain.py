@@ -1,9 +1,5 @@
-"""MoCo v2 pretraining: one training step (`train_step`) and the driver around it (`pretrain`: resume,
-preemption, a checkpoint every epoch, dvclive curves, the analyses, the NaN guard).
-
-The step takes the loader's CPU batch and does everything on the training device: copy (from pinned
-memory, asynchronously), memory format, the encoders under bf16 autocast where enabled, and in fp32 the
-similarities, the synthetic negatives and the loss; then backward, SGD and the enqueue.
+"""MoCo v2 pretraining: the driver around the training step (pipeline/train/step.py): resume, preemption,
+a checkpoint every epoch, dvclive curves, the analyses, the NaN guard's pointer to the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -12,13 +8,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from dvclive import Live
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -27,12 +23,10 @@ from pipeline.analysis import analyze, class_similarity, write_analysis_tables
 from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
-from pipeline.data.ffcv_io import TwoViewBatch, TwoViewLoader
+from pipeline.data.ffcv_io import TwoViewLoader
 from pipeline.launch import PreemptionFlag, init_distributed
-from pipeline.losses import contrastive_loss, drop_hardest
 from pipeline.models.moco import MoCo
-from pipeline.models.negatives import synthesize as synthetic_negatives
-from pipeline.models.negatives import synthetic_logits
+from pipeline.train.step import EpochSums, StepSetup, TrainState, build_model, fast_paths, new_state, train_step
 
 TRAIN_CURVES = ("loss", "proxy_acc", "proxy_acc_with_synthetic", "lr")
 ANALYSIS_CURVES = ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc", "false_negatives_top10",
@@ -46,111 +40,6 @@ def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str, steps: list) -
     if schedule == "step":
         return base_lr * 0.1 ** sum(epoch >= round(s * epochs) for s in steps)
     return base_lr
-
-
-def step_loss(out: dict, queue: Tensor, pt: PretrainParams, epoch: int, query_index: Tensor) -> tuple:
-    """The loss of one MoCo step for the configured method and loss variant, and its proxy-task hits.
-
-    The negatives dropped as presumed false negatives (pretrain.drop_hardest) are gone for the synthesis
-    too: each query mixes its top N of what is left. Returns (loss, hits_real [B] bool: k+ above every
-    real negative, hits_all [B] bool: also above the synthetic ones)."""
-    q, l_pos, l_neg = out["q"], out["l_pos"], out["l_neg"]  # [B, D], [B], [B, K]
-    if pt.drop_hardest > 0:
-        l_neg = drop_hardest(l_neg, pt.drop_hardest)  # [B, K], presumed false negatives at -inf
-    hits_real = l_pos > l_neg.max(dim=1).values  # [B]
-    neg = l_neg
-    if pt.method != "moco" and epoch >= pt.hard_start_epoch:
-        h = synthetic_negatives(q.detach(), queue, l_neg.detach(), pt, query_index)  # [B, M, D]
-        neg = torch.cat([l_neg, synthetic_logits(q, h)], dim=1)  # [B, K + M]
-    hits_all = l_pos > neg.max(dim=1).values  # [B]
-    loss = contrastive_loss(pt.loss, l_pos, neg, pt.temperature, pt.tau_plus, pt.beta)
-    return loss, hits_real, hits_all
-
-
-@dataclass
-class EpochSums:
-    """Running sums over the samples of the epoch in progress (this rank's)."""
-
-    loss: float = 0.0
-    hits: int = 0  # k+ ranked above every real negative (the proxy task)
-    hits_all: int = 0  # ... and above every synthetic one
-    samples: int = 0
-
-    def add(self, f: dict) -> None:
-        """Count one step's figures (train_step's)."""
-        self.loss += f["loss"] * f["samples"]
-        self.hits += f["hits"]
-        self.hits_all += f["hits_all"]
-        self.samples += f["samples"]
-
-
-@dataclass
-class TrainState:
-    """What training changes, and where the run stands: everything a checkpoint must hold to resume."""
-
-    model: MoCo
-    optimizer: torch.optim.Optimizer
-    epoch: int = 0  # the epoch in progress, counted from 0
-    batch: int = 0  # batches of it already trained
-    step: int = 0  # optimizer steps since the start of the run
-    sums: EpochSums = field(default_factory=EpochSums)
-    last: dict = field(default_factory=dict)  # figures of the last finished epoch
-
-
-@dataclass(frozen=True)
-class StepSetup:
-    """How this process runs its steps; fixed for a run."""
-
-    device: torch.device
-    bf16: bool = False  # encoders under bf16 autocast
-    memory_format: torch.memory_format = torch.contiguous_format
-    rank: int = 0
-    world: int = 1
-    net: nn.Module | None = None  # what the forward pass calls: the DDP wrapper, or None for the model itself
-
-
-def fast_paths(pt: PretrainParams, device: torch.device) -> tuple[bool, torch.memory_format]:
-    """(bf16 autocast on?, memory format of the model and batches) for pretrain.precision / memory_format.
-
-    "auto" turns both on for CUDA only: tensor cores want bf16 and NHWC; on CPU fp32 keeps the toy run
-    bit-reproducible, and bf16 there depends on the CPU's instruction set."""
-    gpu = device.type == "cuda"
-    bf16 = pt.precision == "bf16" or (pt.precision == "auto" and gpu)
-    nhwc = pt.memory_format == "channels_last" or (pt.memory_format == "auto" and gpu)
-    return bf16, torch.channels_last if nhwc else torch.contiguous_format
-
-
-def forward_loss(state: TrainState, batch: TwoViewBatch, setup: StepSetup, pt: PretrainParams) -> tuple:
-    """The forward half of train_step: the CPU batch to the device, MoCo forward, the loss.
-
-    Returns (loss [] fp32 with its graph, keys k [B, D], figures {"loss", "hits", "hits_all", "samples"}
-    as tensors on the device)."""
-    dev, fmt = setup.device, setup.memory_format
-    im_q = batch.im_q.to(dev, memory_format=fmt, non_blocking=True)  # [B, 3, res, res]
-    im_k = batch.im_k.to(dev, memory_format=fmt, non_blocking=True)  # [B, 3, res, res]
-    B = im_q.shape[0]
-    query_index = (state.step * setup.world + setup.rank) * B + torch.arange(B, device=dev)  # [B] global ids
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=setup.bf16):  # similarities come out fp32
-        out = (setup.net or state.model)(im_q, im_k)
-    loss, hits, hits_all = step_loss(out, state.model.queue, pt, state.epoch, query_index)  # fp32
-    figures = {"loss": loss.detach(), "hits": hits.sum(), "hits_all": hits_all.sum(), "samples": B}
-    return loss, out["k"], figures
-
-
-def train_step(state: TrainState, batch: TwoViewBatch, setup: StepSetup, pt: PretrainParams) -> dict:
-    """One MoCo step on a loader batch (CPU tensors): forward, NaN guard, backward, SGD, enqueue.
-    Returns the step's figures as Python numbers."""
-    loss, k, figures = forward_loss(state, batch, setup, pt)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise FloatingPointError(f"loss is {value} at step {state.step} (epoch {state.epoch + 1})")
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    state.optimizer.step()
-    state.model.dequeue_and_enqueue(k, batch.label.to(setup.device, non_blocking=True))
-    state.step += 1
-    return {"loss": value, "hits": int(figures["hits"]), "hits_all": int(figures["hits_all"]),
-            "samples": figures["samples"]}
 
 
 @torch.no_grad()
@@ -170,21 +59,6 @@ def fill_queue(model: MoCo, loader: TwoViewLoader, device: torch.device) -> None
             filled += im_k.shape[0] * (dist.get_world_size() if dist.is_initialized() else 1)
             if filled >= model.K:
                 break
-
-
-def build_model(p: Params) -> MoCo:
-    pt = p.pretrain
-    return MoCo(p.model.arch, pt.dim, pt.queue_size, pt.key_momentum, pt.temperature, pt.mlp, pt.bn_splits)
-
-
-def new_state(p: Params, model: MoCo, setup: StepSetup) -> TrainState:
-    """The model on the training device and its SGD (lr per 256 images of global batch, as MoCo)."""
-    pt = p.pretrain
-    model = model.to(setup.device, memory_format=setup.memory_format)
-    base_lr = pt.lr * pt.batch_size * setup.world / 256
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=base_lr, momentum=pt.momentum,
-                                weight_decay=pt.weight_decay)
-    return TrainState(model, optimizer)
 
 
 def run_identity(p: Params) -> dict:
