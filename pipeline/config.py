@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any
 import yaml
 
 ARCHS = ("resnet18", "resnet50")
+# The pretrain stage's output: the default weights of the stages that evaluate a backbone. A path, not "",
+# so that dvc.yaml can list `${lineval.checkpoint}` as the stage's dependency, whichever file it is.
+PRETRAINED = "models/pretrain/checkpoint.pt"
 
 
 class ConfigError(ValueError):
@@ -113,7 +117,7 @@ class PretrainParams:
 
 @dataclass
 class LinevalParams:
-    checkpoint: str = _f("")  # "" = this pipeline's pretrain output; else a MoCo-format checkpoint file
+    checkpoint: str = _f(PRETRAINED)  # weights to evaluate: this pipeline's, MoCo's, torchvision's or timm's
     epochs: int = _f(30, min=1)
     batch_size: int = _f(256, min=1)
     lr: float = _f(10.0, min_exclusive=0)  # MoCo: 30 on IN-1k, 10 on IN-100 (batch 256)
@@ -127,6 +131,7 @@ class LinevalParams:
 
 @dataclass
 class KnnParams:
+    checkpoint: str = _f(PRETRAINED)  # weights to evaluate, as lineval.checkpoint
     k: int = _f(20, min=1)  # MoCo uses 200 on ImageNet (1300 images a class)
     temperature: float = _f(0.07, min_exclusive=0)
     res: int = _f(32, min=8)
@@ -181,7 +186,7 @@ class CocoParams(DetectionRunParams):
 
 @dataclass
 class DetectionParams:
-    checkpoint: str = _f("")  # "" = this pipeline's pretrain output; else an official MoCo checkpoint
+    checkpoint: str = _f(PRETRAINED)  # weights to fine-tune, as lineval.checkpoint (unused for init: random)
     init: str = _f("pretrained", choices=("pretrained", "random"))  # random: the control, same schedule
     num_workers: int = _f(2, min=0)  # detectron2 data loader workers per process
     toy: ToyDetectionParams = field(default_factory=ToyDetectionParams)
@@ -209,6 +214,7 @@ class LaunchParams:
     max_requeues: int = _f(10, min=0)
     extra_sbatch: dict = _f({})  # any other sbatch option, e.g. {exclusive: true}
     local_scratch: str = _f("")  # copy the .beton files to this node-local dir before training ("" = read in place)
+    setup: list = _f([])  # shell lines run in the job script before the tasks start (module load, conda activate)
 
 
 @dataclass
@@ -335,21 +341,51 @@ def _check_cross(p: Params) -> None:
         sizes = run.min_size_train
         if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
             raise ConfigError(f"params: {key}.min_size_train = {sizes!r} must be a non-empty list of positive integers")
+    setup = p.launch.setup
+    if not all(isinstance(line, str) and "\n" not in line for line in setup):
+        raise ConfigError(f"params: launch.setup = {setup!r} must be a list of one-line shell commands")
+    for key in ("lineval.checkpoint", "knn.checkpoint", "detection.checkpoint"):
+        section, name = key.split(".")
+        if not getattr(getattr(p, section), name).strip():
+            raise ConfigError(f"params: {key} is empty: name a weights file (default {PRETRAINED}, the pretrain "
+                              f"stage's output)")
     for key, steps in (("pretrain.lr_steps", pt.lr_steps), ("lineval.lr_steps", p.lineval.lr_steps)):
         if not all(isinstance(s, (int, float)) and 0 < s < 1 for s in steps) or list(steps) != sorted(steps):
             raise ConfigError(f"params: {key} = {steps!r} must be increasing fractions of training in (0, 1)")
 
 
-def _profile(params_path: Path, name: str) -> dict:
-    """A named cluster profile: slurm/profiles/<name>.yaml beside params.yaml, a `launch:` mapping."""
+def _profile(params_path: Path, name: str) -> tuple[dict, Path]:
+    """A named cluster profile: slurm/profiles/<name>.yaml beside params.yaml, a `launch:` mapping; and its path."""
     path = params_path.parent / "slurm" / "profiles" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(f.stem for f in path.parent.glob("*.yaml"))
         raise ConfigError(f"params: launch.profile = {name!r}: no file {path} (profiles: {', '.join(known) or 'none'})")
-    launch = (yaml.safe_load(path.read_text()) or {}).get("launch", {})
+    try:
+        launch = (yaml.safe_load(path.read_text()) or {}).get("launch", {})
+    except yaml.YAMLError as e:
+        raise ConfigError(f"params: {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(launch, dict):
         raise ConfigError(f"params: {path}: 'launch' must be a mapping")
-    return launch
+    known = {f.name for f in fields(LaunchParams)} - {"profile"}
+    for key in launch:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"params: {path}: unknown key 'launch.{key}'{hint}; allowed: {', '.join(sorted(known))}")
+    return launch, path
+
+
+def merge_profile(params_path: Path, launch: dict) -> tuple[dict, list[str]]:
+    """params.yaml's launch section over its profile's: (merged section, one warning per profile value overridden).
+
+    What wins, from strongest: a launch key in params.yaml (which is where `dvc exp run -S` and
+    `python -m pipeline.presets apply` write), then the profile, then the schema default. A preset's launch
+    keys therefore beat the profile's: the warning names each one, so none does silently."""
+    profile, path = _profile(params_path, launch["profile"])
+    warnings = [f"params: warning: launch.{key} = {launch[key]!r} in {params_path.name} overrides {value!r} of the "
+                f"profile {path} (params.yaml wins; delete the key there to use the profile's)"
+                for key, value in profile.items() if key in launch and launch[key] != value]
+    return profile | launch, warnings
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -362,10 +398,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         raise ConfigError(f"params: {path} is not valid YAML: {e}") from None
     launch = raw.get("launch") or {}
+    warnings: list[str] = []
     if isinstance(launch, dict) and launch.get("profile"):
-        raw["launch"] = _profile(path, launch["profile"]) | launch
+        raw["launch"], warnings = merge_profile(path, launch)
     params = _build(Params, raw, "")
     _check_cross(params)
+    for line in warnings:  # after validation: an invalid file gets its error alone
+        print(line, file=sys.stderr)
     return params
 
 

@@ -114,6 +114,7 @@ def _executor(p: Params, folder: Path, single_task: bool) -> submitit.SlurmExecu
         ntasks_per_node=1 if single_task else lp.tasks_per_node, cpus_per_task=lp.cpus_per_task,
         gpus_per_node=(min(lp.gpus_per_node, 1) if single_task else lp.gpus_per_node) or None, mem=f"{lp.mem_gb}GB",
         time=lp.timeout_min, signal_delay_s=lp.signal_delay_s, job_name=folder.name,
+        setup=list(lp.setup),  # lines of the sbatch script before srun: environment set-up on the node
         additional_parameters=extra,
     )
     return ex

@@ -15,22 +15,34 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.config import Params
+from pipeline.config import PRETRAINED, Params
+from pipeline.data.augment import AugParams
 
-# ResNet-50 pretrained on ImageNet-1k, as published in the MoCHi paper (Kalantidis et al., 2020) and the SynCo
-# paper (Giakoumoglou & Stathaki, 2024; reported as gains over MoCo v2 and MoCHi).
-# method, pretraining epochs, linear top-1, VOC AP50 / AP / AP75, COCO APbb / APmk
+# The papers the published rows come from, numbered as the report cites them.
+REFERENCES = {
+    1: "X. Chen, H. Fan, R. Girshick, K. He. Improved Baselines with Momentum Contrastive Learning. "
+       "arXiv:2003.04297, 2020.",
+    2: "Y. Kalantidis, M. B. Sariyildiz, N. Pion, P. Weinzaepfel, D. Larlus. Hard Negative Mixing for Contrastive "
+       "Learning. NeurIPS 2020, arXiv:2010.01028.",
+    3: "N. Giakoumoglou, T. Stathaki. SynCo: Synthetic Hard Negatives for Contrastive Visual Representation "
+       "Learning. arXiv:2410.02401, 2024.",
+}
+# ResNet-50 pretrained on ImageNet-1k as published: method, pretraining epochs, linear top-1, VOC AP50 / AP / AP75,
+# COCO APbb / APmk, reference, and gains a paper reports only relative to another method (never put in an
+# absolute column). SynCo: 67.9 top-1 is stated in the abstract of arXiv:2410.02401v3/v4 and equals v7's
+# "MoCo v2 +0.4, MoCHi +1.0" over the rows above; VOC AP 57.2 is v7's (AP50 / AP75 not in the abstract);
+# COCO is given only as gains over MoCo v2.
 PUBLISHED = (
-    ("MoCo v2", 200, "67.5", "82.4 / 57.0 / 63.6", ""),
-    ("MoCHi (128, 1024, 512)", 100, "63.4", "81.1 / 54.7 / 60.9", "37.8 / 33.2"),
-    ("MoCHi (128, 1024, 512)", 200, "66.9", "82.7 / 57.5 / 64.4", "39.2 / 34.3"),
-    ("MoCHi (512, 1024, 512)", 200, "67.6", "82.7 / 57.1 / 64.1", "39.4 / 34.5"),
-    ("MoCHi (128, 1024, 512)", 800, "68.7", "83.3 / 57.3 / 64.2", ""),
-    ("MoCHi (512, 1024, 512)", 1000, "70.6", "83.2 / 58.4 / 65.5", ""),
-    ("SynCo", 200, "MoCo v2 +0.4, MoCHi +1.0", "AP 57.2", "MoCo v2 +1.0 / +0.8"),
+    ("MoCo v2", 200, "67.5", "82.4 / 57.0 / 63.6", "", 1, ""),
+    ("MoCHi (128, 1024, 512)", 100, "63.4", "81.1 / 54.7 / 60.9", "37.8 / 33.2", 2, ""),
+    ("MoCHi (128, 1024, 512)", 200, "66.9", "82.7 / 57.5 / 64.4", "39.2 / 34.3", 2, ""),
+    ("MoCHi (512, 1024, 512)", 200, "67.6", "82.7 / 57.1 / 64.1", "39.4 / 34.5", 2, ""),
+    ("MoCHi (128, 1024, 512)", 800, "68.7", "83.3 / 57.3 / 64.2", "", 2, ""),
+    ("MoCHi (512, 1024, 512)", 1000, "70.6", "83.2 / 58.4 / 65.5", "", 2, ""),
+    ("SynCo", 200, "67.9", "– / 57.2 / –", "", 3, "COCO APbb +1.0, APmk +0.8 over MoCo v2"),
 )
 COLUMNS = ("method", "arch", "epochs", "linear top-1", "kNN top-1 (random init)", "VOC AP50 / AP / AP75",
-           "COCO APbb / APmk")
+           "COCO APbb / APmk", "reported only as a gain")
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
          "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 13, "axes.grid": True,
@@ -75,9 +87,9 @@ def results_table(p: Params, pretrain: dict, lineval: dict, knn: dict, voc: dict
     voc_cell += " (random init)" if voc["init"] == "random" else ""
     coco_cell += " (random init)" if coco["init"] == "random" else ""
     ours = (f"**{method_label(p)}** (this run)", f"R-{p.model.arch.removeprefix('resnet')}", pretrain["epochs"],
-            f"{lineval['top1']:.1f}", f"{knn['top1']:.1f} ({knn['random_init_top1']:.1f})", voc_cell, coco_cell)
-    published = [(f"{method} †", "R-50", epochs, linear, "", voc_pub, coco_pub)
-                 for method, epochs, linear, voc_pub, coco_pub in PUBLISHED]
+            f"{lineval['top1']:.1f}", f"{knn['top1']:.1f} ({knn['random_init_top1']:.1f})", voc_cell, coco_cell, "")
+    published = [(f"{method} [{ref}] †", "R-50", epochs, linear, "", voc_pub, coco_pub, gain)
+                 for method, epochs, linear, voc_pub, coco_pub, ref, gain in PUBLISHED]
     return "\n".join([_row(COLUMNS), _row(["---"] * len(COLUMNS)), _row(ours), *map(_row, published)]) + "\n"
 
 
@@ -91,13 +103,122 @@ def _job(name: str, job: dict) -> str:
     return f"{name}: {where}, {job['hours']:.2f} h, {job['gpu_hours']:.2f} GPU-h"
 
 
-def _provenance(metrics: dict[str, dict]) -> str:
-    """The first `provenance` entry among the metrics (a string, or a dict shown as key: value pairs)."""
-    for m in metrics.values():
-        if "provenance" in m:
-            prov = m["provenance"]
-            return ", ".join(f"{k}: {v}" for k, v in prov.items()) if isinstance(prov, dict) else str(prov)
-    return ""
+def provenance_table(metrics: dict[str, dict]) -> str:
+    """What produced each metrics file, one row per stage (commit, uncommitted changes, params hash, seed,
+    processes), and the package versions once (or per stage where they differ): a reader checks at a glance
+    that every number came from the same code."""
+    rows, versions = [], {}
+    for stage, m in metrics.items():
+        prov = m.get("provenance")
+        if not isinstance(prov, dict):
+            continue
+        commit = str(prov.get("git_commit", "unknown"))
+        tree = "with uncommitted changes" if prov.get("git_dirty") else "clean"
+        seed = "–" if prov.get("seed") is None else prov["seed"]
+        rows.append((stage, f"`{commit[:10]}`", tree, f"`{prov.get('params_hash', '')}`", seed,
+                     prov.get("world_size", "")))
+        versions[stage] = ", ".join(f"{name.removeprefix('sal-')} {v}" for name, v in sorted(
+            (prov.get("versions") or {}).items()))
+    if not rows:
+        return ""
+    table = [_row(("stage", "commit", "work tree", "params hash", "seed", "processes")), _row(["---"] * 6),
+             *map(_row, rows)]
+    distinct = sorted(set(versions.values()))
+    if len(distinct) == 1:
+        table += ["", f"Versions: {distinct[0]}."]
+    else:
+        table += ["", *(f"- versions for {stage}: {v}" for stage, v in versions.items())]
+    return "\n".join(table) + "\n"
+
+
+def references() -> str:
+    """The papers of the published rows, as a numbered list."""
+    return "\n".join(["References:", "", *(f"{n}. {text}" for n, text in REFERENCES.items())]) + "\n"
+
+
+def _seeds(run: object) -> str:
+    """'seed 3' for one trial, 'seeds 3-7' for several (trials use seed, seed + 1, ...)."""
+    return f"seed {run.seed}" if run.trials == 1 else f"seeds {run.seed}-{run.seed + run.trials - 1}"
+
+
+def error_bars_note(p: Params, voc: dict, coco: dict) -> str:
+    """Which cells are one run and which a mean ± std, over how many runs and which seeds."""
+    parts = []
+    for name, m, run in (("VOC", voc, p.detection.voc), ("COCO", coco, p.detection.coco)):
+        n = len(m["trials"])
+        parts.append(f"{name}: mean ± sample std over {n} trials ({_seeds(run)})" if n > 1
+                     else f"{name}: one trial ({_seeds(run)})")
+    return (f"This run: linear top-1 and kNN are one run (pretraining seed {p.pretrain.seed}, linear-eval seed "
+            f"{p.lineval.seed}); " + "; ".join(parts) + ".")
+
+
+def weights_note(p: Params) -> list[str]:
+    """A line naming the weights evaluated when a stage did not evaluate this run's pretraining output."""
+    files = {"linear eval": p.lineval.checkpoint, "kNN": p.knn.checkpoint}
+    if p.detection.init == "pretrained":
+        files["detection"] = p.detection.checkpoint
+    external = {stage: f for stage, f in files.items() if f != PRETRAINED}
+    if not external:
+        return []
+    return ["", "**Weights from elsewhere:** " + "; ".join(f"{stage} evaluated `{f}`" for stage, f in external.items())
+            + f" instead of this run's pretraining output (`{PRETRAINED}`): those cells are not this run's method."]
+
+
+def hyperparameter_table(p: Params, pretrain: dict) -> str:
+    """The settings of this run as a paper's appendix lists them, read from the params the stages ran with."""
+    pt, lv, kn, aug = p.pretrain, p.lineval, p.knn, AugParams()
+    world = pretrain.get("world_size", p.world_size)
+    batch = pt.batch_size * world
+    hard = {"moco": "none",
+            "mochi": f"MoCHi: N = {pt.mochi.n_hard}, s = {pt.mochi.s}, s' = {pt.mochi.s_prime}",
+            "synco": f"SynCo: N = {pt.synco.n_hard}, n1..n6 = {'/'.join(map(str, pt.synco.counts))}, "
+                     f"sigma = {pt.synco.sigma:g}, delta = {pt.synco.delta:g}, eta = {pt.synco.eta:g}"}[pt.method]
+    if pt.method != "moco":
+        hard += f"; from epoch {pt.hard_start_epoch}"
+    loss = {"infonce": "InfoNCE", "dcl": f"DCL (tau+ = {pt.tau_plus:g})",
+            "hcl": f"HCL (tau+ = {pt.tau_plus:g}, beta = {pt.beta:g})"}[pt.loss]
+    if pt.drop_hardest:
+        loss += f", {100 * pt.drop_hardest:g}% hardest negatives dropped"
+    schedule = pt.schedule + (f" (x0.1 at {', '.join(f'{s:g}' for s in pt.lr_steps)} of training)"
+                              if pt.schedule == "step" else "")
+    b, c, s, h = aug.jitter
+    augmentation = (f"aug+: random resized crop {pt.res} px, scale {pt.crop_scale[0]:g}-{pt.crop_scale[1]:g}; "
+                    f"colour jitter ({b:g}, {c:g}, {s:g}, {h:g}) p = {aug.p_jitter:g}; grayscale p = {aug.p_gray:g}; "
+                    f"Gaussian blur sigma {pt.blur_sigma[0]:g}-{pt.blur_sigma[1]:g} p = {aug.p_blur:g}; "
+                    f"horizontal flip p = {aug.p_flip:g}")
+    shuffle_bn = (f"across {world} processes" if world > 1 else
+                  f"emulated with {pt.bn_splits} BN groups" if pt.bn_splits > 1 else "off (one process)")
+    voc, coco = p.detection.voc, p.detection.coco
+    rows = [
+        ("Pretraining", "backbone", f"ResNet-{p.model.arch.removeprefix('resnet')}"),
+        ("", "epochs", pt.epochs),
+        ("", "batch (global)", f"{batch} ({pt.batch_size} x {world} process{'es' if world > 1 else ''})"),
+        ("", "learning rate", f"{pt.lr * batch / 256:g} ({pt.lr:g} per 256), SGD momentum {pt.momentum:g}, "
+                              f"weight decay {pt.weight_decay:g}, {schedule}"),
+        ("", "queue K / key momentum m / temperature T", f"{pt.queue_size} / {pt.key_momentum:g} / {pt.temperature:g}"),
+        ("", "projection head", f"{'MLP (v2)' if pt.mlp else 'linear (v1)'}, {pt.dim}-d"),
+        ("", "shuffle BN", shuffle_bn),
+        ("", "augmentation", augmentation),
+        ("", "hard negatives", hard),
+        ("", "loss", loss),
+        ("", "queue initialisation", {"keys": "real keys", "random": "random unit vectors"}[pt.queue_init]),
+        ("", "seed", pt.seed),
+        ("Linear eval", "schedule", f"{lv.epochs} epochs, batch {lv.batch_size}, lr {lv.lr:g}, momentum "
+                                    f"{lv.momentum:g}, weight decay {lv.weight_decay:g}, x0.1 at "
+                                    f"{', '.join(f'{s:g}' for s in lv.lr_steps)} of training"),
+        ("", "input", f"{lv.res} px, " + ("random resized crop + flip" if lv.augment else "fixed features")),
+        ("", "seed", lv.seed),
+        ("kNN", "k / T", f"{kn.k} / {kn.temperature:g}"),
+        ("VOC detection", "schedule", f"Faster R-CNN C4, {voc.max_iter} iterations, batch {voc.ims_per_batch}, "
+                                      f"lr {voc.base_lr:g}, {voc.roi_batch_size} ROIs per image"),
+        ("", "trials", f"{voc.trials} ({_seeds(voc)})"),
+        ("COCO detection", "schedule", f"Mask R-CNN C4, {coco.schedule} shape, {coco.max_iter} iterations, batch "
+                                       f"{coco.ims_per_batch}, lr {coco.base_lr:g}, {coco.roi_batch_size} ROIs per "
+                                       f"image"),
+        ("", "trials", f"{coco.trials} ({_seeds(coco)})"),
+    ]
+    return "\n".join(["## Hyperparameters", "", _row(("", "hyperparameter", "this run")), _row(["---"] * 3),
+                      *(_row((f"**{group}**" if group else "", name, value)) for group, name, value in rows)]) + "\n"
 
 
 def results_markdown(p: Params, metrics: dict[str, dict], figures: dict[str, str]) -> str:
@@ -108,13 +229,14 @@ def results_markdown(p: Params, metrics: dict[str, dict], figures: dict[str, str
     pre, lin, kn, voc, coco = (metrics[k] for k in ("pretrain", "lineval", "knn", "voc", "coco"))
     jobs = {name: m["job"] for name, m in metrics.items() if "job" in m}
     lines = [f"# Results: {method_label(p)} ({p.model.arch}, {pre['epochs']} epochs)", ""]
-    if prov := _provenance(metrics):
-        lines += [f"Provenance: {prov}", ""]
     lines += [
         results_table(p, pre, lin, kn, voc, coco),
-        "† Published numbers for ResNet-50 pretrained on ImageNet-1k (MoCHi and SynCo papers); other backbone, data "
-        "and schedule, so not comparable in absolute terms with this run.",
+        "† Published numbers for ResNet-50 pretrained on ImageNet-1k [1-3]; other backbone, data and schedule, so "
+        "not comparable in absolute terms with this run. " + error_bars_note(p, voc, coco),
+        *weights_note(p),
         "",
+        references(),
+        hyperparameter_table(p, pre),
         "## Run details",
         "",
         f"- pretraining: {pre['steps']} steps over {pre['epochs']} epochs on {pre['world_size']} process(es), "
@@ -128,6 +250,8 @@ def results_markdown(p: Params, metrics: dict[str, dict], figures: dict[str, str
         f"- jobs, {sum(j['gpu_hours'] for j in jobs.values()):.2f} GPU-h in all:",
         *(f"  - {_job(name, job)}" for name, job in jobs.items()),
     ]
+    if provenance := provenance_table(metrics):
+        lines += ["", "## Provenance", "", provenance]
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{caption}](figures/{name}.png)\n" for name, caption in figures.items()]

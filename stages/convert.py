@@ -1,20 +1,19 @@
 """DVC stage convert: the pretrained backbone -> detectron2 weights (models/detection/backbone.pkl).
 
-The source is this pipeline's pretraining checkpoint, an official MoCo checkpoint (detection.checkpoint),
-or, for the control run (detection.init: random), the same architecture randomly initialised. The
-weights are loaded into the C4 detector before they are written: a backbone tensor left unmatched fails
-the stage, naming the keys."""
+The source is detection.checkpoint (this pipeline's pretraining checkpoint by default; or an official MoCo,
+torchvision or timm ResNet file), or, for the control run (detection.init: random), the same architecture
+randomly initialised. The weights are loaded into the C4 detector before they are written: a backbone
+tensor left unmatched fails the stage, naming the keys."""
 
 from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
 from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.convert import convert_moco_to_d2, save_d2_weights, verify_conversion
-from pipeline.models.backbone import backbone_state_from_checkpoint, resnet
+from pipeline.models.backbone import load_backbone_state, resnet
 
 OUT = Path("models/detection/backbone.pkl")
 
@@ -25,10 +24,7 @@ def main(p: Params) -> None:
         torch.manual_seed(p.pretrain.seed)  # the same random backbone as the kNN control
         state, source = resnet(p.model.arch).state_dict(), f"random-init {p.model.arch}"
     else:
-        src = Path(d.checkpoint or "models/pretrain/checkpoint.pt")
-        if not src.is_file():
-            raise FileNotFoundError(f"detection.checkpoint = {d.checkpoint!r}: file not found: {src}")
-        state, source = backbone_state_from_checkpoint(checkpoint.load(src), src), str(src)
+        state, source = load_backbone_state(d.checkpoint, p.model.arch, "detection.checkpoint"), d.checkpoint
     weights = convert_moco_to_d2(state, p.model.arch)
     verify_conversion(weights, build_c4_cfg(p.model.arch, "voc", num_classes=1, device="cpu"))
     save_d2_weights(weights, OUT)

@@ -15,7 +15,7 @@ from pipeline.train.evaluate import knn_top1
 
 
 def evaluate(p: Params) -> dict:
-    pretrained = load_backbone(Path("models/pretrain/checkpoint.pt"), p.model.arch)
+    pretrained = load_backbone(Path(p.knn.checkpoint), p.model.arch, "knn.checkpoint")
     torch.manual_seed(p.pretrain.seed)
     control = resnet(p.model.arch)  # same architecture, random init, evaluated identically
     num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
@@ -25,7 +25,8 @@ def evaluate(p: Params) -> dict:
     top1 = {name: knn_top1(net, *betons, kn.res, kn.batch_size, p.data.num_workers, kn.k, kn.temperature, num_classes,
                            device) for name, net in (("pretrained", pretrained), ("random_init", control))}
     return {"top1": top1["pretrained"], "random_init_top1": top1["random_init"],
-            "gain": top1["pretrained"] - top1["random_init"], "k": kn.k, "temperature": kn.temperature}
+            "gain": top1["pretrained"] - top1["random_init"], "k": kn.k, "temperature": kn.temperature,
+            "checkpoint": kn.checkpoint}
 
 
 def main(p: Params) -> None:

@@ -13,10 +13,8 @@ from pipeline.train.evaluate import linear_eval
 
 
 def evaluate(p: Params) -> dict:
-    ckpt = Path(p.lineval.checkpoint or "models/pretrain/checkpoint.pt")
-    if p.lineval.checkpoint and not ckpt.is_file():
-        raise FileNotFoundError(f"lineval.checkpoint = {p.lineval.checkpoint!r}: file not found")
-    backbone = load_backbone(ckpt, p.model.arch)
+    ckpt = Path(p.lineval.checkpoint)
+    backbone = load_backbone(ckpt, p.model.arch, "lineval.checkpoint")
     num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
     metrics = linear_eval(backbone, p.model.arch, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
                           num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"), launch.local_device())

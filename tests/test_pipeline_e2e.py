@@ -34,6 +34,8 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
         assert prov["git_commit"] == head and prov["world_size"] == 1 and len(prov["params_hash"]) == 16, name
         assert prov["versions"]["torch"].startswith("2.") and prov["versions"]["ffcv"] != "not installed", name
     assert torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["provenance"]["seed"] == 0
+    exported = torch.load(path / "models/pretrain/backbone_torchvision.pt", weights_only=True)  # the export stage
+    assert "layer4.1.bn2.running_var" in exported and not any(k.startswith("fc.") for k in exported)
     kept = sorted(p.name for p in (path / "checkpoints/pretrain").glob("epoch_*.pt"))
     assert kept == ["epoch_0001.pt", "epoch_0002.pt"]  # pretrain.keep_every: 1 in the tiny params
     assert torch.load(path / "checkpoints/pretrain/epoch_0001.pt", weights_only=True)["epoch"] == 1

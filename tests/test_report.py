@@ -5,7 +5,16 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.config import Params
-from pipeline.report import PUBLISHED, method_label, results_markdown, results_table, write_figures
+from pipeline.report import (
+    PUBLISHED,
+    REFERENCES,
+    hyperparameter_table,
+    method_label,
+    provenance_table,
+    results_markdown,
+    results_table,
+    write_figures,
+)
 
 JOB = {"executor": "local", "hours": 0.1, "gpu_hours": 0.0}
 PRETRAIN = {"method": "mochi", "epochs": 6, "steps": 300, "world_size": 1, "images_per_s": 38.1, "seconds": 504.1,
@@ -48,26 +57,89 @@ def test_table_has_our_row_then_the_published_rows():
     rows = table.strip().splitlines()
     assert rows[0].startswith("| method | arch | epochs | linear top-1 | kNN top-1 (random init)")
     assert rows[2] == ("| **MoCHi (16, 16, 8)** (this run) | R-18 | 6 | 73.2 | 68.8 (68.0) "
-                       "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |")
+                       "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |  |")
     assert len(rows) == 3 + len(PUBLISHED)
-    assert "| MoCo v2 † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |" in rows
-    assert "| MoCHi (512, 1024, 512) † | R-50 | 1000 | 70.6 |  | 83.2 / 58.4 / 65.5 |  |" in rows
+    assert "| MoCo v2 [1] † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |  |" in rows
+    assert "| MoCHi (512, 1024, 512) [2] † | R-50 | 1000 | 70.6 |  | 83.2 / 58.4 / 65.5 |  |  |" in rows
+
+
+def test_published_cells_hold_absolute_numbers_and_gains_have_their_own_column():
+    """The SynCo paper reports COCO only as gains over MoCo v2: those go to the gain column, never into an
+    absolute one; every published row cites a reference."""
+    table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 1), _detection("coco", 1))
+    synco = next(row for row in table.splitlines() if row.startswith("| SynCo"))
+    assert synco == "| SynCo [3] † | R-50 | 200 | 67.9 |  | – / 57.2 / – |  | COCO APbb +1.0, APmk +0.8 over MoCo v2 |"
+    for method, _, linear, voc, coco, ref, _ in PUBLISHED:
+        assert ref in REFERENCES, method
+        for cell in (linear, voc, coco):
+            assert "+" not in cell and all(part.strip() in ("", "–") or float(part) > 0 for part in cell.split("/"))
 
 
 def test_table_shows_std_over_several_trials_and_marks_random_init():
     coco = _detection("coco", 1) | {"init": "random"}
     table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 5), coco)
-    assert "| 40.0 ± 0.2 / 20.0 ± 0.2 / 15.0 ± 0.2 | 20.0 / 21.0 (random init) |" in table
+    assert "| 40.0 ± 0.2 / 20.0 ± 0.2 / 15.0 ± 0.2 | 20.0 / 21.0 (random init) |  |" in table
+    p = _params()
+    p.detection.voc.trials, p.detection.voc.seed = 5, 3
+    text = results_markdown(p, {"pretrain": PRETRAIN, "lineval": LINEVAL, "knn": KNN, "voc": _detection("voc", 5),
+                                "coco": coco}, {})
+    assert "VOC: mean ± sample std over 5 trials (seeds 3-7); COCO: one trial (seed 0)." in text
+    assert "| **VOC detection** | schedule |" in text and "|  | trials | 5 (seeds 3-7) |" in text
 
 
 def test_markdown_lists_details_and_embeds_figures():
-    metrics = {"pretrain": PRETRAIN | {"provenance": {"commit": "abc123"}}, "lineval": LINEVAL, "knn": KNN,
+    metrics = {"pretrain": PRETRAIN | {"provenance": PROVENANCE}, "lineval": LINEVAL, "knn": KNN,
                "voc": _detection("voc", 1), "coco": _detection("coco", 1)}
     text = results_markdown(_params(), metrics, {"training": "Pretraining curves"})
-    assert "Provenance: commit: abc123" in text
+    assert "| pretrain | `abc123def4` | clean | `ab1186c937a974b6` | 0 | 1 |" in text
+    assert "Versions: ffcv 1.0.2, detectron2 0.7.2, torch 2.14.1." in text
+    assert "{" not in text.split("## Provenance")[1]  # no raw Python dict
+    assert "References:" in text and "arXiv:2410.02401" in text
+    assert "Weights from elsewhere" not in text
     assert "300 steps" in text and "38.1 images/s" in text and "8 min 24 s" in text
     assert "gain +0.75" in text and "SLURM job 42 (COMPLETED)" in text and "jobs, 4.00 GPU-h in all" in text
     assert "![Pretraining curves](figures/training.png)" in text
+
+
+PROVENANCE = {"git_commit": "abc123def4567890", "git_dirty": False, "params_hash": "ab1186c937a974b6", "seed": 0,
+              "world_size": 1, "versions": {"torch": "2.14.1", "ffcv": "1.0.2", "sal-detectron2": "0.7.2"}}
+
+
+def test_provenance_rows_per_stage_and_versions_where_they_differ():
+    other = PROVENANCE | {"git_commit": "fedcba9876543210", "git_dirty": True, "seed": None,
+                          "versions": PROVENANCE["versions"] | {"torch": "2.15.0"}}
+    table = provenance_table({"pretrain": {"provenance": PROVENANCE}, "voc": {"provenance": other}, "knn": {}})
+    assert "| voc | `fedcba9876` | with uncommitted changes | `ab1186c937a974b6` | – | 1 |" in table
+    assert "- versions for voc: ffcv 1.0.2, detectron2 0.7.2, torch 2.15.0" in table
+    assert "knn" not in table  # no provenance recorded: no row
+    assert provenance_table({"knn": {}}) == ""
+
+
+def test_hyperparameter_table_reads_the_params_the_run_used():
+    p = _params("synco", epochs=200, batch_size=32, lr=0.03, queue_size=65536, key_momentum=0.999,
+                hard_start_epoch=10, loss="hcl", tau_plus=0.01)
+    p.pretrain.synco.n_hard, p.pretrain.synco.counts = 1024, [256, 256, 256, 64, 64, 64]
+    table = hyperparameter_table(p, {"world_size": 8})
+    assert "| **Pretraining** | backbone | ResNet-18 |" in table
+    assert "|  | batch (global) | 256 (32 x 8 processes) |" in table
+    assert "|  | learning rate | 0.03 (0.03 per 256), SGD momentum 0.9, weight decay 0.0001, cosine |" in table
+    assert "|  | queue K / key momentum m / temperature T | 65536 / 0.999 / 0.2 |" in table
+    assert ("|  | hard negatives | SynCo: N = 1024, n1..n6 = 256/256/256/64/64/64, sigma = 0.01, delta = 0.01, "
+            "eta = 0.01; from epoch 10 |") in table
+    assert "|  | loss | HCL (tau+ = 0.01, beta = 1) |" in table
+    assert "|  | shuffle BN | across 8 processes |" in table
+    assert "scale 0.2-1; colour jitter (0.4, 0.4, 0.4, 0.1) p = 0.8; grayscale p = 0.2" in table
+    assert "MoCHi: N = 16, s = 16, s' = 8; from epoch 2" in hyperparameter_table(_params("mochi"), {"world_size": 1})
+
+
+def test_external_weights_are_named_in_the_report():
+    p = _params()
+    p.lineval.checkpoint = "/weights/moco_v2_200ep_pretrain.pth.tar"
+    metrics = {"pretrain": PRETRAIN, "lineval": LINEVAL, "knn": KNN, "voc": _detection("voc", 1),
+               "coco": _detection("coco", 1)}
+    text = results_markdown(p, metrics, {})
+    assert ("**Weights from elsewhere:** linear eval evaluated `/weights/moco_v2_200ep_pretrain.pth.tar` instead of "
+            "this run's pretraining output (`models/pretrain/checkpoint.pt`)") in text
 
 
 def _tsv(path: Path, name: str, values: list[float], steps: list[int] | None = None) -> None:

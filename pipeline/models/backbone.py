@@ -65,39 +65,76 @@ def resnet(arch: str, bn_splits: int = 1) -> nn.Module:
     return net
 
 
-def backbone_state_from_checkpoint(ckpt: dict, source: str | Path) -> dict:
-    """The query encoder's backbone weights (torchvision names, no fc) from this project's checkpoint
-    (`{"model": MoCo state_dict, ...}`) or from an official MoCo one (`{"state_dict": {"module.encoder_q.*"}}`);
-    errors name `source`, the file it came from."""
-    if "model" in ckpt and isinstance(ckpt["model"], dict):
-        state, prefix = ckpt["model"], "encoder_q."
-    elif "state_dict" in ckpt:
-        state, prefix = ckpt["state_dict"], "module.encoder_q."
-    else:
-        raise ValueError(f"{source}: not a MoCo checkpoint: top-level keys {sorted(ckpt)[:8]}")
-    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    out = {k: v for k, v in out.items() if not k.startswith("fc.")}
-    if not out:
-        raise ValueError(f"{source}: no '{prefix}*' backbone keys in the checkpoint")
-    return out
+# Where a ResNet's torchvision-named weights sit in the checkpoints people have: MoCo's official one (DDP),
+# this pipeline's, a DDP-wrapped plain network, a plain torchvision / timm network. First match wins, so a
+# MoCo checkpoint gives its query encoder, never the key encoder.
+PREFIXES = ("module.encoder_q.", "encoder_q.", "module.", "")
+ACCEPTED = ("this pipeline's checkpoint ({'model': encoder_q.*}), MoCo's ({'state_dict': module.encoder_q.*}), "
+            "a torchvision or timm ResNet state_dict (conv1.weight, layer1.0.*), or one wrapped as "
+            "{'state_dict': ...} or {'model': ...}")
 
 
-def load_backbone(path: str | Path, arch: str) -> nn.Module:
-    """A frozen-ready backbone from a checkpoint file; refuses one of another architecture, naming keys."""
+def _is_tensor_dict(d: object) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def backbone_state_from_checkpoint(ckpt: object, source: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone weights (torchvision names, no fc) in any of the formats of ACCEPTED.
+
+    Researchers bring weights from MoCo's releases, torchvision, timm or their own runs; they should not
+    have to rename keys by hand. Errors are one line naming `source` and what was found there."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{source}: holds a {type(ckpt).__name__}, not a dict of weights; expected {ACCEPTED}")
+    containers = [("", ckpt)] if _is_tensor_dict(ckpt) else []
+    containers += [(key, ckpt[key]) for key in ("state_dict", "model") if isinstance(ckpt.get(key), dict)]
+    for _, state in containers:
+        for prefix in PREFIXES:
+            if isinstance(state.get(prefix + "conv1.weight"), torch.Tensor):
+                out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                return {k: v for k, v in out.items() if not k.startswith("fc.")}  # classifier or MLP head
+    found = f"top-level keys {_some(ckpt)}" + "".join(
+        f", '{key}' keys {_some(state)}" for key, state in containers if key)
+    raise ValueError(f"{source}: no ResNet backbone (no '*conv1.weight' tensor) in it: {found}; expected {ACCEPTED}")
+
+
+def _some(d: dict, n: int = 5) -> str:
+    """The first n keys of d, for an error message."""
+    keys = [str(k) for k in d]
+    return "[" + ", ".join(keys[:n]) + (f", ... {len(keys)} in all" if len(keys) > n else "") + "]"
+
+
+def _expected_shapes(arch: str) -> dict[str, torch.Size]:
+    with torch.device("meta"):  # shapes only, no memory
+        return {k: v.shape for k, v in resnet(arch).state_dict().items()}
+
+
+def load_backbone_state(path: str | Path, arch: str, key: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The backbone weights of the file at `path`, checked to be exactly a torchvision `arch` (no fc).
+
+    key: the params key that named the file, for the error when it is missing. An architecture mismatch
+    names the architecture the file does hold, when it is one of FEATURE_DIM."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{key} = '{path}': file not found")
     state = backbone_state_from_checkpoint(checkpoint.load(path), path)
-    net = resnet(arch)
-    expected = net.state_dict()
+    expected = _expected_shapes(arch)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k])
     if missing or unexpected or wrong_shape:
+        held = [a for a in FEATURE_DIM if a != arch and {k: v.shape for k, v in state.items()} == _expected_shapes(a)]
+        if held:
+            raise ValueError(f"{path} holds a {held[0]} backbone, but model.arch = {arch}")
         raise ValueError(
             f"{path} does not fit {arch}: {len(missing)} missing (e.g. {missing[:3]}), "
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong_shape)} of other shape "
             f"(e.g. {wrong_shape[:3]}); was it trained with another model.arch?"
         )
-    net.load_state_dict(state)
+    return state
+
+
+def load_backbone(path: str | Path, arch: str, key: str = "checkpoint") -> nn.Module:
+    """A frozen-ready backbone (fc = Identity) from a weights file in any format load_backbone_state reads."""
+    net = resnet(arch)
+    net.load_state_dict(load_backbone_state(path, arch, key))
     return net
