@@ -19,7 +19,8 @@ from pipeline.report import (
 JOB = {"executor": "local", "hours": 0.1, "gpu_hours": 0.0}
 PRETRAIN = {"method": "mochi", "epochs": 6, "steps": 300, "world_size": 1, "images_per_s": 38.1, "seconds": 504.1,
             "job": JOB}
-LINEVAL = {"top1": 73.25, "top5": 99.0, "epochs": 30, "job": JOB}
+LINEVAL = {"top1": 73.25, "top5": 99.0, "top1_best": 74.5, "top5_best": 99.25, "best_epoch": 28, "epochs": 30,
+           "job": JOB}
 KNN = {"top1": 68.75, "random_init_top1": 68.0, "gain": 0.75, "k": 20, "temperature": 0.07, "job": JOB}
 
 
@@ -55,8 +56,8 @@ def test_method_labels():
 def test_table_has_our_row_then_the_published_rows():
     table = results_table(_params("mochi"), PRETRAIN, LINEVAL, KNN, _detection("voc", 1), _detection("coco", 1))
     rows = table.strip().splitlines()
-    assert rows[0].startswith("| method | arch | epochs | linear top-1 | kNN top-1 (random init)")
-    assert rows[2] == ("| **MoCHi (16, 16, 8)** (this run) | R-18 | 6 | 73.2 | 68.8 (68.0) "
+    assert rows[0].startswith("| method | arch | epochs | linear top-1 (best epoch) | kNN top-1 (random init)")
+    assert rows[2] == ("| **MoCHi (16, 16, 8)** (this run) | R-18 | 6 | 74.5 (73.2 last) | 68.8 (68.0) "
                        "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |  |")
     assert len(rows) == 3 + len(PUBLISHED)
     assert "| MoCo v2 [1] † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |  |" in rows
