@@ -15,7 +15,8 @@ from pipeline.compat.torch import fake_cuda, is_fake
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import EvalLoader, TwoViewLoader
 from pipeline.models.backbone import resnet
-from pipeline.train.evaluate import extract_batch, extract_features, knn_predict
+from pipeline.train.evaluate import extract_batch, extract_features
+from pipeline.train.knn import knn_predict
 from pipeline.train.pretrain import fill_queue
 from pipeline.train.step import StepSetup, build_model, forward_loss, new_state, train_step
 from tests.conftest import tiny_pretrain

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.evaluate import knn_predict, topk_correct
+from pipeline.train.knn import knn_predict, topk_correct
 
 
 def test_weighted_knn_matches_loop_reference():
