@@ -151,3 +151,28 @@ def test_bf16_and_channels_last_pretraining_on_cpu_and_auto_means_gpu_only(beton
     assert math.isfinite(metrics["loss"]) and metrics["steps"] == 3
     weights = torch.load(out, weights_only=True)["model"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}  # autocast, not casts
+
+
+def test_synthesis_mixes_only_what_drop_hardest_left():
+    """The negatives dropped as presumed false negatives must not come back as mixing sources."""
+    from pipeline.config import PretrainParams
+    from pipeline.losses import drop_hardest
+    from pipeline.models.negatives import mochi, synthetic_logits
+    from pipeline.train.step import step_loss
+
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    queue = F.normalize(torch.randn(32, 8), dim=1)
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    out = {"q": q, "l_pos": (q * k).sum(1), "l_neg": q @ queue.T}
+    pt = PretrainParams(method="mochi", hard_start_epoch=0, drop_hardest=0.25)  # 8 of 32 dropped per query
+    pt.mochi.n_hard, pt.mochi.s, pt.mochi.s_prime = 8, 16, 8
+    index = torch.arange(4)
+    kept = drop_hardest(out["l_neg"], 0.25)  # [4, 32], the 8 hardest at -inf
+    h, info = mochi(q, queue, 8, 16, 8, logits=kept, query_index=index, seed=pt.seed, return_info=True)
+    dropped = out["l_neg"].topk(8, dim=1).indices  # [4, 8]
+    used = torch.cat([info["j"], info["i"]], dim=1)  # [4, 24 + 16] queue rows mixed into the synthetic points
+    assert not (used[:, :, None] == dropped[:, None, :]).any()  # never a dropped negative
+    loss, _, _ = step_loss(out, queue, pt, epoch=0, query_index=index)
+    reference = infonce(out["l_pos"], torch.cat([kept, synthetic_logits(q, h)], dim=1), 0.2)
+    assert torch.allclose(loss, reference)
