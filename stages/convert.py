@@ -7,14 +7,12 @@ the stage, naming the keys."""
 
 from pathlib import Path
 
-import torch
-
 from pipeline import checkpoint
 from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.convert import convert_moco_to_d2, save_d2_weights, verify_conversion
-from pipeline.models.backbone import backbone_state_from_checkpoint, resnet
+from pipeline.models.backbone import backbone_state_from_checkpoint, random_init_backbone
 
 OUT = Path("models/detection/backbone.pkl")
 
@@ -22,8 +20,8 @@ OUT = Path("models/detection/backbone.pkl")
 def main(p: Params) -> None:
     d = p.detection
     if d.init == "random":
-        torch.manual_seed(p.pretrain.seed)  # the same random backbone as the kNN control
-        state, source = resnet(p.model.arch).state_dict(), f"random-init {p.model.arch}"
+        state = random_init_backbone(p.model.arch, p.pretrain.seed).state_dict()  # the kNN control's network
+        source = f"random-init {p.model.arch}"
     else:
         src = Path(d.checkpoint or "models/pretrain/checkpoint.pt")
         if not src.is_file():

@@ -65,6 +65,15 @@ def resnet(arch: str, bn_splits: int = 1) -> nn.Module:
     return net
 
 
+def random_init_backbone(arch: str, seed: int) -> nn.Module:
+    """The random-init control of every evaluation (kNN, semi-supervised, detection): resnet(arch) drawn
+    from torch's generator seeded with `seed`, so each stage's control is the same network. The caller's
+    RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return resnet(arch)
+
+
 def backbone_state_from_checkpoint(ckpt: dict, source: str | Path) -> dict:
     """The query encoder's backbone weights (torchvision names, no fc) from this project's checkpoint
     (`{"model": MoCo state_dict, ...}`) or from an official MoCo one (`{"state_dict": {"module.encoder_q.*"}}`);
