@@ -48,16 +48,27 @@ def test_table_has_our_row_then_the_published_rows():
     rows = table.strip().splitlines()
     assert rows[0].startswith("| method | arch | epochs | linear top-1 | kNN top-1 (random init)")
     assert rows[2] == ("| **MoCHi (16, 16, 8)** (this run) | R-18 | 6 | 73.2 | 68.8 (68.0) "
-                       "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |")
+                       "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |  |")
     assert len(rows) == 3 + len(PUBLISHED)
-    assert "| MoCo v2 † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |" in rows
-    assert "| MoCHi (512, 1024, 512) † | R-50 | 1000 | 70.6 |  | 83.2 / 58.4 / 65.5 |  |" in rows
+    assert "| MoCo v2 † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |  |" in rows
+    assert "| MoCHi (512, 1024, 512) † | R-50 | 1000 | 70.6 |  | 83.2 / 58.4 / 65.5 |  |  |" in rows
 
 
 def test_table_shows_std_over_several_trials_and_marks_random_init():
     coco = _detection("coco", 1) | {"init": "random"}
     table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 5), coco)
     assert "| 40.0 ± 0.2 / 20.0 ± 0.2 / 15.0 ± 0.2 | 20.0 / 21.0 (random init) |" in table
+
+
+def test_table_has_a_semi_supervised_column_with_std_and_the_control():
+    fractions = {key: {"fraction": f, "top1": t, "top1_std": 1.25, "random_init_top1": r}
+                 for key, f, t, r in (("1pct", 0.01, 40.0, 20.0), ("10pct", 0.1, 70.0, 45.0))}
+    table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 1), _detection("coco", 1),
+                          {"fractions": fractions})
+    rows = table.strip().splitlines()
+    assert rows[0].endswith("| semi-sup. top-1 (random init) |")
+    assert rows[2].endswith("| 40.0 ± 1.2 / 70.0 ± 1.2 (20.0 / 45.0) (1% / 10%) |")
+    assert any(row.startswith("| SynCo † |") and row.endswith("| 50.8 / 66.6 (1% / 10%) ‡ |") for row in rows)
 
 
 def test_markdown_lists_details_and_embeds_figures():
