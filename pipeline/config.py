@@ -134,7 +134,7 @@ class SemisupParams:
     trials: int = _f(3, min=1)  # seeds seed..seed+trials-1: subset (balanced), classifier init, batch order
     subset: str = _f("balanced", choices=("balanced", "simclr"))  # simclr: SimCLR's ImageNet 1% / 10% lists
     simclr_dir: str = _f("presets/imagenet_subsets")  # holds SimCLR's 1percent.txt and 10percent.txt
-    epochs: list = _f([40, 10])  # one per fraction, or one for all (SynCo: 60 at 1%, 30 at 10%)
+    epochs: list = _f([15])  # one for all fractions, or one per fraction (SynCo: [60, 30] for 1%, 10%)
     batch_size: int = _f(32, min=2)  # capped at the subset size (full batches only: BN trains on them)
     lr_backbone: float = _f(0.01, min=0)  # absolute, not per 256 (as the reference)
     lr_classifier: float = _f(0.05, min_exclusive=0)  # SynCo: 0.5 (diverged on the toy: loss 2.8 -> 21)

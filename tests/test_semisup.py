@@ -142,12 +142,17 @@ def test_random_init_control_is_one_seeded_network_and_leaves_the_rng_alone():
     ({"fractions": []}, "semisup.fractions = [] must be a non-empty list"),
     ({"epochs": [10, 20, 30]}, "semisup.epochs = [10, 20, 30] must be one integer >= 1, or one per fraction"),
     ({"subset": "simclr", "fractions": [0.05]}, "semisup.subset = simclr has lists for 0.01, 0.1 only"),
+    ({"fractions": [0.01, 0.1], "epochs": [60, 30]}, None),  # SynCo's per-fraction epochs
+    ({"fractions": [0.05]}, None),  # `dvc exp run -S semisup.fractions=[0.05]` with the default epochs
     ({"trials": 0}, "semisup.trials = 0 must be >= 1"),
 ])
-def test_bad_semisup_params_name_the_key(tmp_path, overrides, message):
+def test_semisup_params_bad_ones_name_the_key(tmp_path, overrides, message):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["semisup"] |= overrides
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    if message is None:
+        assert load_params(tmp_path / "params.yaml").semisup.fractions == overrides["fractions"]
+        return
     with pytest.raises(ConfigError) as e:
         load_params(tmp_path / "params.yaml")
     assert message in str(e.value) and "\n" not in str(e.value)
