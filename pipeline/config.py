@@ -130,6 +130,27 @@ class LinevalParams:
 
 
 @dataclass
+class SemisupParams:
+    """Semi-supervised evaluation: the whole backbone and a new linear classifier fine-tuned on a labelled
+    fraction of the train set, val top-1/top-5, for each fraction and trial; the random-init control gets the
+    same schedule and subsets. The papers' recipe is the semisup-in1k preset."""
+
+    fractions: list = _f([0.01, 0.1])  # of the train images, each in (0, 1]
+    trials: int = _f(3, min=1)  # seeds seed..seed+trials-1: subset (balanced), classifier init, batch order
+    subset: str = _f("balanced", choices=("balanced", "simclr"))  # simclr: SimCLR's ImageNet 1% / 10% lists
+    simclr_dir: str = _f("presets/imagenet_subsets")  # holds SimCLR's 1percent.txt and 10percent.txt
+    epochs: list = _f([15])  # one for all fractions, or one per fraction (SynCo: [60, 30] for 1%, 10%)
+    batch_size: int = _f(32, min=2)  # capped at the subset size (full batches only: BN trains on them)
+    lr_backbone: float = _f(0.01, min=0)  # absolute, not per 256 (as the reference)
+    lr_classifier: float = _f(0.05, min_exclusive=0)  # SynCo: 0.5 (diverged on the toy: loss 2.8 -> 21)
+    momentum: float = _f(0.9, min=0, max=1)
+    weight_decay: float = _f(1e-6, min=0)
+    res: int = _f(32, min=8)
+    control: bool = _f(True)  # also fine-tune the random-init backbone the kNN control uses
+    seed: int = _f(0, min=0)
+
+
+@dataclass
 class KnnParams:
     checkpoint: str = _f(PRETRAINED)  # weights to evaluate, as lineval.checkpoint
     k: int = _f(20, min=1)  # MoCo uses 200 on ImageNet (1300 images a class)
@@ -225,6 +246,7 @@ class Params:
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     lineval: LinevalParams = field(default_factory=LinevalParams)
     knn: KnnParams = field(default_factory=KnnParams)
+    semisup: SemisupParams = field(default_factory=SemisupParams)
     detection: DetectionParams = field(default_factory=DetectionParams)
     launch: LaunchParams = field(default_factory=LaunchParams)
 
@@ -349,9 +371,30 @@ def _check_cross(p: Params) -> None:
         if not getattr(getattr(p, section), name).strip():
             raise ConfigError(f"params: {key} is empty: name a weights file (default {PRETRAINED}, the pretrain "
                               f"stage's output)")
+    _check_semisup(p.semisup)
     for key, steps in (("pretrain.lr_steps", pt.lr_steps), ("lineval.lr_steps", p.lineval.lr_steps)):
         if not all(isinstance(s, (int, float)) and 0 < s < 1 for s in steps) or list(steps) != sorted(steps):
             raise ConfigError(f"params: {key} = {steps!r} must be increasing fractions of training in (0, 1)")
+
+
+SIMCLR_FRACTIONS = (0.01, 0.1)  # SimCLR's ImageNet lists: 1percent.txt, 10percent.txt
+
+
+def _check_semisup(sp: SemisupParams) -> None:
+    fr, ep = sp.fractions, sp.epochs
+    if not fr or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fr):
+        raise ConfigError(f"params: semisup.fractions = {fr!r} must be a non-empty list of numbers in (0, 1]")
+    bad = [f for f in fr if not 0 < f <= 1]
+    if bad:
+        raise ConfigError(f"params: semisup.fractions = {fr!r}: {bad[0]} is not in (0, 1]")
+    if len(set(fr)) != len(fr):
+        raise ConfigError(f"params: semisup.fractions = {fr!r} lists a fraction twice")
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in ep) or len(ep) not in (1, len(fr)):
+        raise ConfigError(f"params: semisup.epochs = {ep!r} must be one integer >= 1, or one per fraction "
+                          f"({len(fr)} for semisup.fractions = {fr!r})")
+    if sp.subset == "simclr" and not set(fr) <= set(SIMCLR_FRACTIONS):
+        raise ConfigError(f"params: semisup.fractions = {fr!r}: semisup.subset = simclr has lists for "
+                          f"{', '.join(map(str, SIMCLR_FRACTIONS))} only")
 
 
 def _profile(params_path: Path, name: str) -> tuple[dict, Path]:

@@ -7,13 +7,11 @@ tensor left unmatched fails the stage, naming the keys."""
 
 from pathlib import Path
 
-import torch
-
 from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.convert import convert_moco_to_d2, save_d2_weights, verify_conversion
-from pipeline.models.backbone import load_backbone_state, resnet
+from pipeline.models.backbone import load_backbone_state, random_init_backbone
 
 OUT = Path("models/detection/backbone.pkl")
 
@@ -21,8 +19,8 @@ OUT = Path("models/detection/backbone.pkl")
 def main(p: Params) -> None:
     d = p.detection
     if d.init == "random":
-        torch.manual_seed(p.pretrain.seed)  # the same random backbone as the kNN control
-        state, source = resnet(p.model.arch).state_dict(), f"random-init {p.model.arch}"
+        state = random_init_backbone(p.model.arch, p.pretrain.seed).state_dict()  # the kNN control's network
+        source = f"random-init {p.model.arch}"
     else:
         state, source = load_backbone_state(d.checkpoint, p.model.arch, "detection.checkpoint"), d.checkpoint
     weights = convert_moco_to_d2(state, p.model.arch)

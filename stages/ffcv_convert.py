@@ -1,11 +1,12 @@
-"""DVC stage ffcv_convert: ImageFolder train/val -> data/ffcv/{train,val}.beton and classes.txt (label i = line i),
-+ metrics/ffcv.json."""
+"""DVC stage ffcv_convert: ImageFolder train/val -> data/ffcv/{train,val}.beton, classes.txt (label i = line i),
+{train,val}_manifest.tsv (sample index -> source image, skipped images left out) + metrics/ffcv.json."""
 
 from pathlib import Path
 
 from pipeline.cli import run_stage, write_metrics
 from pipeline.config import Params, require_dir
 from pipeline.data.ffcv_io import class_folders, write_beton
+from pipeline.data.manifest import manifest_path, write_manifest
 
 OUT = Path("data/ffcv")
 
@@ -20,6 +21,7 @@ def main(p: Params) -> None:
     summary = {}
     for split, src in dirs.items():
         info = write_beton(src, OUT / f"{split}.beton", d.max_resolution, d.jpeg_quality, d.on_corrupt, d.num_workers)
+        write_manifest(manifest_path(OUT / f"{split}.beton"), info["samples"])
         for path in info["skipped"]:
             print(f"ffcv_convert: skipped unreadable image {path}")
         summary[split] = {"images": info["images"], "classes": len(info["classes"]), "skipped": len(info["skipped"])}

@@ -5,19 +5,16 @@ Runs here or as a one-task SLURM job, per launch.executor."""
 import json
 from pathlib import Path
 
-import torch
-
 from pipeline import launch
 from pipeline.cli import run_stage, stage_identity, write_metrics
 from pipeline.config import Params
-from pipeline.models.backbone import load_backbone, resnet
+from pipeline.models.backbone import load_backbone, random_init_backbone
 from pipeline.train.evaluate import knn_top1
 
 
 def evaluate(p: Params) -> dict:
     pretrained = load_backbone(Path(p.knn.checkpoint), p.model.arch, "knn.checkpoint")
-    torch.manual_seed(p.pretrain.seed)
-    control = resnet(p.model.arch)  # same architecture, random init, evaluated identically
+    control = random_init_backbone(p.model.arch, p.pretrain.seed)  # same architecture, evaluated identically
     num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
     betons = Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton")
     kn = p.knn

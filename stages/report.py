@@ -15,6 +15,8 @@ METRICS = ("pretrain", "lineval", "knn", "voc", "coco")
 
 def main(p: Params) -> None:
     metrics = {name: json.loads(Path(f"metrics/{name}.json").read_text()) for name in METRICS}
+    if Path("metrics/semisup.json").is_file():  # the semi-supervised column
+        metrics["semisup"] = json.loads(Path("metrics/semisup.json").read_text())
     figures_dir = Path("reports/figures")
     shutil.rmtree(figures_dir, ignore_errors=True)  # no figure of an earlier run survives a skipped input
     figures = write_figures(Path.cwd(), figures_dir)

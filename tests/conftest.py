@@ -30,6 +30,7 @@ TINY = {
     "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 32, "bn_splits": 2, "res": 32, "keep_every": 1},
     "lineval": {"epochs": 2, "batch_size": 16, "res": 32},
     "knn": {"k": 5, "res": 32},
+    "semisup": {"fractions": [0.25, 0.5], "trials": 2, "epochs": [1], "batch_size": 8, "res": 16},
     "detection": {"num_workers": 0, "toy": {"classes": 2, "train_images": 8, "test_images": 4, "size": 64},
                   **{task: TINY_DETECTION for task in ("voc", "coco")}},
 }
@@ -53,7 +54,7 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 def make_project(path: Path) -> tuple[Path, Callable[[dict], None]]:
     """A git + DVC project at `path` with this repo's code and tiny params. Returns (path, set_params)."""
     (path / "slurm").mkdir(parents=True)
-    for name in ("pipeline", "stages", "slurm/profiles", "dvc.yaml", "params.yaml"):
+    for name in ("pipeline", "stages", "slurm/profiles", "presets", "dvc.yaml", "params.yaml"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))

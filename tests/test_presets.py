@@ -123,3 +123,12 @@ def test_imagenet100_links_the_cmc_classes(tmp_path):
     (tmp_path / "in1k/val" / wnids[5]).rmdir()
     with pytest.raises(FileNotFoundError, match=wnids[5]):
         imagenet100(tmp_path / "in1k", tmp_path / "other")
+
+
+def test_semisup_in1k_is_synco_released_recipe(params_file):
+    p = apply(["in1k", "semisup-in1k", *DETECTION], params_file)
+    sp = p.semisup
+    assert (sp.subset, sp.fractions, sp.epochs, sp.batch_size, sp.res) == ("simclr", [0.01, 0.1], [60, 30], 1024, 224)
+    assert (sp.lr_classifier, sp.lr_backbone, sp.momentum, sp.weight_decay) == (0.5, 0.005, 0.9, 1e-6)
+    text = (REPO / "presets/semisup-in1k.yaml").read_text()
+    assert "giakoumoglou/synco" in text and "barlowtwins" in text and "2410.02401" in text  # cites its sources

@@ -58,10 +58,10 @@ def test_table_has_our_row_then_the_published_rows():
     rows = table.strip().splitlines()
     assert rows[0].startswith("| method | arch | epochs | linear top-1 (best epoch) | kNN top-1 (random init)")
     assert rows[2] == ("| **MoCHi (16, 16, 8)** (this run) | R-18 | 6 | 74.5 (73.2 last) | 68.8 (68.0) "
-                       "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |  |")
+                       "| 40.0 / 20.0 / 15.0 | 20.0 / 21.0 |  |  |")
     assert len(rows) == 3 + len(PUBLISHED)
-    assert "| MoCo v2 [1] † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |  |" in rows
-    assert "| MoCHi (512, 1024, 512) [2] † | R-50 | 1000 | 70.6 |  | 83.2 / 58.4 / 65.5 |  |  |" in rows
+    assert "| MoCo v2 [1] † | R-50 | 200 | 67.5 |  | 82.4 / 57.0 / 63.6 |  |  |  |" in rows
+    assert "| MoCHi (512, 1024, 512) [2] † | R-50 | 1000 | 70.6 |  | 83.2 / 58.4 / 65.5 |  |  |  |" in rows
 
 
 def test_published_cells_hold_absolute_numbers_and_gains_have_their_own_column():
@@ -69,7 +69,8 @@ def test_published_cells_hold_absolute_numbers_and_gains_have_their_own_column()
     absolute one; every published row cites a reference."""
     table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 1), _detection("coco", 1))
     synco = next(row for row in table.splitlines() if row.startswith("| SynCo"))
-    assert synco == "| SynCo [3] † | R-50 | 200 | 67.9 |  | – / 57.2 / – |  | COCO APbb +1.0, APmk +0.8 over MoCo v2 |"
+    assert synco == ("| SynCo [3] † | R-50 | 200 | 67.9 |  | – / 57.2 / – |  | 50.8 / 66.6 (1% / 10%) ‡ "
+                     "| COCO APbb +1.0, APmk +0.8 over MoCo v2 |")
     for method, _, linear, voc, coco, ref, _ in PUBLISHED:
         assert ref in REFERENCES, method
         for cell in (linear, voc, coco):
@@ -79,13 +80,24 @@ def test_published_cells_hold_absolute_numbers_and_gains_have_their_own_column()
 def test_table_shows_std_over_several_trials_and_marks_random_init():
     coco = _detection("coco", 1) | {"init": "random"}
     table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 5), coco)
-    assert "| 40.0 ± 0.2 / 20.0 ± 0.2 / 15.0 ± 0.2 | 20.0 / 21.0 (random init) |  |" in table
+    assert "| 40.0 ± 0.2 / 20.0 ± 0.2 / 15.0 ± 0.2 | 20.0 / 21.0 (random init) |  |  |" in table
     p = _params()
     p.detection.voc.trials, p.detection.voc.seed = 5, 3
     text = results_markdown(p, {"pretrain": PRETRAIN, "lineval": LINEVAL, "knn": KNN, "voc": _detection("voc", 5),
                                 "coco": coco}, {})
     assert "VOC: mean ± sample std over 5 trials (seeds 3-7); COCO: one trial (seed 0)." in text
     assert "| **VOC detection** | schedule |" in text and "|  | trials | 5 (seeds 3-7) |" in text
+
+
+def test_table_has_a_semi_supervised_column_with_std_and_the_control():
+    fractions = {key: {"fraction": f, "top1": t, "top1_std": 1.25, "random_init_top1": r}
+                 for key, f, t, r in (("1pct", 0.01, 40.0, 20.0), ("10pct", 0.1, 70.0, 45.0))}
+    table = results_table(_params(), PRETRAIN, LINEVAL, KNN, _detection("voc", 1), _detection("coco", 1),
+                          {"fractions": fractions})
+    rows = table.strip().splitlines()
+    assert rows[0].endswith("| semi-sup. top-1 (random init) | reported only as a gain |")
+    assert rows[2].endswith("| 40.0 ± 1.2 / 70.0 ± 1.2 (20.0 / 45.0) (1% / 10%) |  |")
+    assert any(row.startswith("| SynCo [3] † |") and "| 50.8 / 66.6 (1% / 10%) ‡ |" in row for row in rows)
 
 
 def test_markdown_lists_details_and_embeds_figures():

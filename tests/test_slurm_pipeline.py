@@ -139,3 +139,14 @@ def test_queued_sweep_runs_as_parallel_cluster_jobs(project, slurm_cluster):
         ["sacct", "-n", "-X", "-P", "-j", ",".join(jobs), "-o", "Start,End"], text=True).split()]
     (s1, e1), (s2, e2) = spans
     assert s1 < e2 and s2 < e1, f"the two jobs did not overlap: {spans}"  # ISO timestamps compare as text
+
+
+def test_semisup_runs_as_a_one_task_slurm_job(project, slurm_cluster):
+    path, set_params = project
+    run(["dvc", "repro", "pretrain"], path)
+    set_params(SLURM)
+    out = run(["python", "-m", "stages.semisup"], path, timeout=900).stdout
+    assert "submitted job" in out and "semisup 50pct: top-1" in out, out
+    m = json.loads((path / "metrics/semisup.json").read_text())
+    assert m["job"]["executor"] == "slurm" and m["job"]["state"] == "COMPLETED"
+    assert set(m["fractions"]) == {"25pct", "50pct"} and m["device"] == "cpu"

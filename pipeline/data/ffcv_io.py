@@ -148,7 +148,8 @@ def write_beton(image_dir: Path, out_path: Path, max_resolution: int, jpeg_quali
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"images": len(samples), "classes": classes, "skipped": [p for p, _ in bad]}
+    return {"images": len(samples), "classes": classes, "skipped": [p for p, _ in bad],
+            "samples": [(p.relative_to(image_dir).as_posix(), label) for p, label in samples]}  # sample i = line i
 
 
 # ---- keyed random draws inside numba ---------------------------------------------------------------
@@ -345,14 +346,16 @@ class LabelAndIndex(Operation):
 
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
-                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable, state: LoaderState) -> Loader:
-    """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label'."""
+                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable, state: LoaderState,
+                 indices: list[int] | None = None) -> Loader:
+    """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label', over the samples
+    `indices` (None: all)."""
     pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), BatchTransform(fn, state)])}
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[LabelAndIndex(), ToTensor()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
     try:
         return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
-                      distributed=distributed, drop_last=drop_last, pipelines=pipelines)
+                      distributed=distributed, drop_last=drop_last, pipelines=pipelines, indices=indices)
     finally:
         torch.set_num_threads(state.torch_threads)  # see LoaderState
 
@@ -431,10 +434,12 @@ class TwoViewLoader:
 
 class EvalLoader:
     """One view per image: RandomResizedCrop(0.08-1) + flip for linear-eval training (main_lincls.py), else
-    a 224/256 centre crop in dataset order keeping every image (features, kNN, validation)."""
+    a 224/256 centre crop in dataset order keeping every image (features, kNN, validation). `indices`: only
+    those samples (a labelled subset), still keyed by their index in the .beton."""
 
     def __init__(self, beton: Path, batch_size: int, res: int, num_workers: int, train_aug: bool,
-                 seed: int = 0, distributed: bool = False, pin_memory: bool = False):
+                 seed: int = 0, distributed: bool = False, pin_memory: bool = False,
+                 indices: list[int] | None = None):
         self.epoch, self._state = 0, LoaderState(num_workers, pin_memory)
         if train_aug:
             decoder = KeyedResizedCrops((res, res), keyed_random_crop, (0.08, 1.0), RATIO, seed, 1, self._state.epoch)
@@ -450,7 +455,8 @@ class EvalLoader:
             return [normalize(x)]
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, train_aug, seed, distributed,
-                                   drop_last=train_aug, decoder=decoder, fn=transform, state=self._state)
+                                   drop_last=train_aug, decoder=decoder, fn=transform, state=self._state,
+                                   indices=indices)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -65,6 +65,15 @@ def resnet(arch: str, bn_splits: int = 1) -> nn.Module:
     return net
 
 
+def random_init_backbone(arch: str, seed: int) -> nn.Module:
+    """The random-init control of every evaluation (kNN, semi-supervised, detection): resnet(arch) drawn
+    from torch's generator seeded with `seed`, so each stage's control is the same network. The caller's
+    RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return resnet(arch)
+
+
 # Where a ResNet's torchvision-named weights sit in the checkpoints people have: MoCo's official one (DDP),
 # this pipeline's, a DDP-wrapped plain network, a plain torchvision / timm network. First match wins, so a
 # MoCo checkpoint gives its query encoder, never the key encoder.
