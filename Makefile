@@ -29,3 +29,4 @@ bench: setup
 	python -m bench.lineval
 	python -m bench.detection
 	python -m bench.scaling
+	python -m bench.resolution

@@ -451,6 +451,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
+TAU_PLUS_FACTOR = 2.0  # tau+ within a factor of 2 of 1/C passes unremarked
+
+
+def tau_plus_warning(pt: PretrainParams, num_classes: int, source: str = "classes.txt") -> str | None:
+    """A one-line warning when DCL/HCL's class prior tau+ is far from 1/C, else None.
+
+    Why: tau+ is the chance that a negative shares the query's class. Too large (say 0.1 on ImageNet-1k's
+    1000 classes) and g = (mean e^{n/T} - tau+ e^{p/T}) / (1 - tau+) falls to its clamp e^{-1/T} for most
+    queries, where the negatives get no gradient at all; too small and the debiasing does nothing. InfoNCE
+    does not use tau+, so it is not checked then."""
+    if pt.loss not in ("dcl", "hcl") or num_classes < 1:
+        return None
+    prior = 1.0 / num_classes
+    if prior / TAU_PLUS_FACTOR <= pt.tau_plus <= prior * TAU_PLUS_FACTOR:
+        return None
+    return (f"pretrain.tau_plus = {pt.tau_plus:g} is far from 1/C = {prior:.4g} (C = {num_classes} classes in "
+            f"{source}); pretrain.loss = {pt.loss} takes tau+ as the class prior")
+
+
 def require_dir(key: str, value: str) -> Path:
     """A data path from params that a stage is about to read: fail now, naming the key, if it is missing."""
     path = Path(value)

@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError, Params, PretrainParams, load_params, tau_plus_warning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +73,38 @@ def test_stage_reports_missing_data_path_before_any_work(tmp_path):
     assert r.returncode == 2
     assert f"data.train_dir = '{tmp_path / 'nowhere'}': directory not found" in r.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("loss, tau_plus, classes, warns", [
+    ("dcl", 0.1, 1000, True),    # the old in1k value: 100x the prior
+    ("hcl", 0.0001, 1000, True),  # 10x too small
+    ("dcl", 0.001, 1000, False),
+    ("hcl", 0.01, 100, False),
+    ("dcl", 0.015, 100, False),   # within a factor of 2
+    ("dcl", 0.021, 100, True),
+    ("infonce", 0.1, 1000, False),  # tau+ unused
+])
+def test_tau_plus_warning_compares_with_one_over_the_classes(loss, tau_plus, classes, warns):
+    pt = replace(PretrainParams(), loss=loss, tau_plus=tau_plus)
+    msg = tau_plus_warning(pt, classes, "data/ffcv/classes.txt")
+    assert (msg is not None) == warns
+    if warns:
+        assert f"pretrain.tau_plus = {tau_plus:g}" in msg and f"C = {classes} classes in data/ffcv/classes.txt" in msg
+        assert "\n" not in msg
+
+
+def test_pretrain_stage_warns_about_tau_plus_before_training(tmp_path):
+    """The stage reads the class count from ffcv_convert's classes.txt and warns before any work: here the
+    .beton files are missing, so the warning must come before that failure."""
+    params = write(tmp_path, {"pretrain.loss": "dcl", "pretrain.tau_plus": 0.1})
+    (tmp_path / "data/ffcv").mkdir(parents=True)
+    (tmp_path / "data/ffcv/classes.txt").write_text("".join(f"class{i}\n" for i in range(1000)))
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # the stage's identity reads its deps
+    code = ("from pipeline.cli import run_stage; from stages.pretrain import main; "
+            f"run_stage('pretrain', main, {str(params)!r})")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0, r.stderr
+    warning = "pretrain: warning: pretrain.tau_plus = 0.1 is far from 1/C = 0.001 (C = 1000 classes"
+    assert warning in r.stderr
+    assert r.stderr.index(warning) < r.stderr.index("train.beton")

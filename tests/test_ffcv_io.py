@@ -370,3 +370,16 @@ def test_batches_kept_by_the_caller_stay_valid(train_beton: Path):
     assert all(torch.equal(a, b) for k, c in zip(kept, copied, strict=True) for a, b in zip(k, c, strict=True))
     two_view = list(TwoViewLoader(train_beton, batch_size=2, res=16, aug=A.AugParams(), num_workers=1, seed=0))
     assert sorted(torch.cat([b.label for b in two_view]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_more_workers_than_numba_threads_runs_on_numba_threads(train_beton: Path, capsys):
+    """A preset's data.num_workers (8, for a cluster node) on a machine with fewer CPUs: the loader uses
+    numba's NUMBA_NUM_THREADS and says so, instead of ffcv failing inside its Loader; the batches are the
+    same as with that many workers."""
+    from numba import config
+    many = config.NUMBA_NUM_THREADS + 6
+    wide = EvalLoader(train_beton, batch_size=4, res=16, num_workers=many, train_aug=True, seed=1)
+    assert f"data.num_workers = {many} but numba may start only {config.NUMBA_NUM_THREADS}" in capsys.readouterr().err
+    fits = EvalLoader(train_beton, batch_size=4, res=16, num_workers=config.NUMBA_NUM_THREADS, train_aug=True, seed=1)
+    for (x, y), (x2, y2) in zip(wide, fits, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)

@@ -132,3 +132,38 @@ def test_semisup_in1k_is_synco_released_recipe(params_file):
     assert (sp.lr_classifier, sp.lr_backbone, sp.momentum, sp.weight_decay) == (0.5, 0.005, 0.9, 1e-6)
     text = (REPO / "presets/semisup-in1k.yaml").read_text()
     assert "giakoumoglou/synco" in text and "barlowtwins" in text and "2410.02401" in text  # cites its sources
+
+
+SOURCED = ("model", "pretrain", "lineval", "detection", "knn")  # paper settings; launch and data paths are the user's
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_paper_value_says_where_it_comes_from(name):
+    """Each value of a paper setting carries its source on its line or in the comment just above it (a quote
+    with its file or section, or "not stated" and the value's other source)."""
+    lines = (REPO / "presets" / f"{name}.yaml").read_text().splitlines()
+    section, unsourced = "", []
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            section = line.rstrip(":")
+        key, _, value = line.strip().partition(":")
+        value = value.split("#")[0].strip()
+        if not value or line.lstrip().startswith("#") or section not in SOURCED or key in ("root", "method"):
+            continue
+        if "#" not in line and not lines[i - 1].lstrip().startswith("#"):
+            unsourced.append(f"{section}: {line.strip()}")
+    assert not unsourced, f"presets/{name}.yaml: values without a source: {unsourced}"
+
+
+@pytest.mark.parametrize("data, classes", [("in1k", 1000), ("in100", 100)])
+def test_data_presets_set_tau_plus_to_their_class_prior(params_file, data, classes):
+    """DCL/HCL's tau+ is the class prior 1/C: each data preset sets its own (the toy's 0.1 on 1000 classes
+    would put most queries' negatives on the clamp), and pretrain's check accepts it."""
+    from dataclasses import replace
+
+    from pipeline.config import tau_plus_warning
+    p = apply([data, *DETECTION], params_file)
+    assert p.pretrain.tau_plus == pytest.approx(1 / classes)
+    assert "pretrain.tau_plus" in leaves([data])
+    for loss in ("dcl", "hcl"):
+        assert tau_plus_warning(replace(p.pretrain, loss=loss), classes) is None

@@ -12,6 +12,7 @@ which a small ffcv operation hands over, the batch split over num_workers thread
 """
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -32,6 +33,7 @@ from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.transforms import ToTensor
 from ffcv.writer import DatasetWriter
+from numba import config as numba_config
 from numba import njit, types
 from numba.extending import intrinsic
 from PIL import Image
@@ -269,6 +271,24 @@ class KeyedResizedCrops(ResizedCropRGBImageDecoder):
         return decode
 
 
+_warned_threads: set[int] = set()
+
+
+def loader_threads(num_workers: int) -> int:
+    """The loader threads to use for data.num_workers: at most numba's NUMBA_NUM_THREADS (this machine's
+    CPU count unless set). ffcv decodes on numba's thread pool, which cannot grow past it, and fails deep
+    inside its Loader ("The number of threads must be between 1 and 2") when asked for more: a preset's 8
+    workers, written for a cluster node, would stop a run on a laptop. The batches do not depend on the
+    thread count (keyed draws), so fewer threads only change the speed; said once per count."""
+    limit = numba_config.NUMBA_NUM_THREADS
+    workers = min(max(1, num_workers), limit)
+    if workers < num_workers and num_workers not in _warned_threads:
+        _warned_threads.add(num_workers)
+        print(f"ffcv_io: warning: data.num_workers = {num_workers} but numba may start only {limit} threads here "
+              f"(NUMBA_NUM_THREADS); the loaders use {limit}", file=sys.stderr, flush=True)
+    return workers
+
+
 class LoaderState:
     """What a loader shares with its ffcv operations: the epoch, which the compiled decoder reads by address,
     errors raised in ffcv's loading thread, which would otherwise leave the consumer waiting forever, the
@@ -280,7 +300,7 @@ class LoaderState:
         self.pin_memory = pin_memory  # batches in page-locked memory: asynchronous copies to a GPU
         self.errors: list[BaseException] = []
         self.torch_threads = torch.get_num_threads()
-        self.workers = max(1, num_workers)
+        self.workers = loader_threads(num_workers)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="batch-transform",
                                        initializer=torch.set_num_threads, initargs=(1,))
 
@@ -354,7 +374,7 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[LabelAndIndex(), ToTensor()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
     try:
-        return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
+        return Loader(str(beton), batch_size=batch_size, num_workers=state.workers, order=order, seed=seed,
                       distributed=distributed, drop_last=drop_last, pipelines=pipelines, indices=indices)
     finally:
         torch.set_num_threads(state.torch_threads)  # see LoaderState
