@@ -10,11 +10,10 @@ import sys
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from pipeline.checkpoint import atomic_write, files_digest, params_hash
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError, Params, load_params, read_yaml_mapping
 from pipeline.launch import JobFailed
 
 PACKAGES = ("torch", "torchvision", "ffcv", "sal-detectron2", "dvc", "submitit")
@@ -23,6 +22,26 @@ PACKAGES = ("torch", "torchvision", "ffcv", "sal-detectron2", "dvc", "submitit")
 def write_json(path: str | Path, obj: dict) -> None:
     """Write JSON atomically (temp file + rename), so a metrics file is never half-written."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def read_json(path: str | Path, *keys: str) -> Any:
+    """A JSON file an earlier stage wrote, or the value at `keys` in it; any problem is one line naming the file
+    (and the key), not a traceback."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found (an earlier stage writes it: run that stage first)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e})") from None
+    for i, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise ValueError(f"{path}: no {'.'.join(keys[:i + 1])!r} in it (an earlier stage writes it: run that stage "
+                             f"again)")
+        value = value[key]
+    return value
 
 
 def _version(package: str) -> str:
@@ -48,7 +67,7 @@ def provenance(p: Params, seed: int | None) -> dict:
 
 def stage_deps(stage: str, p: Params, dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
     """The dependencies of DVC stage `stage` as dvc.yaml lists them, ${params} resolved."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    stages = read_yaml_mapping(dvc_yaml, "sections (stages, plots...)").get("stages") or {}
     if stage not in stages:
         raise ValueError(f"{dvc_yaml}: no stage {stage!r}")
     values = p.to_dict()

@@ -2,11 +2,10 @@
 
 Runs here or as a one-task SLURM job, per launch.executor."""
 
-import json
 from pathlib import Path
 
 from pipeline import launch
-from pipeline.cli import run_stage, stage_identity, write_metrics
+from pipeline.cli import read_json, run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone
 from pipeline.train.evaluate import linear_eval
@@ -17,7 +16,7 @@ def evaluate(p: Params) -> dict:
     if p.lineval.checkpoint and not ckpt.is_file():
         raise FileNotFoundError(f"lineval.checkpoint = {p.lineval.checkpoint!r}: file not found")
     backbone = load_backbone(ckpt, p.model.arch)
-    num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
+    num_classes = read_json("metrics/ffcv.json", "train", "classes")
     metrics = linear_eval(backbone, p.model.arch, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
                           num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"))
     return metrics | {"checkpoint": str(ckpt)}
