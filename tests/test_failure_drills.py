@@ -235,7 +235,7 @@ def test_a_damaged_metrics_file_of_an_earlier_stage_is_named(tmp_path: Path, mon
     ffcv.parent.mkdir()
     for text, message in (('{"train": ', "metrics/ffcv.json:1:11: not valid JSON: Expecting value"),
                           ('{"val": {}}', "metrics/ffcv.json: no 'train' in it"),
-                          ('{"train": {"images": 10}}', "metrics/ffcv.json: no 'train.classes' in it")):
+                          ('{"train": {"classes": 3}}', "metrics/ffcv.json: no 'train.images' in it")):
         ffcv.write_text(text)
         with pytest.raises(SystemExit) as e:
             run_stage("knn", knn.main, str(REPO / "params.yaml"))
