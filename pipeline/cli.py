@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
@@ -56,11 +57,48 @@ def _git(*args: str) -> str:
     return r.stdout.strip() if r.returncode == 0 else ""
 
 
+def dvc_outputs(dvc_yaml: str | Path = "dvc.yaml", p: Params | None = None) -> list[Path]:
+    """What DVC writes in a run: every stage's outs, metrics and plots in dvc.yaml (${params} resolved), and
+    dvc.lock. These differ from the commit after any `dvc repro` and say nothing about the code that ran."""
+    stages = read_yaml_mapping(dvc_yaml, "sections (stages, plots...)").get("stages") or {}
+    out = [Path(dvc_yaml).parent / "dvc.lock"]
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                out.append(Path(dvc_yaml).parent / (_resolve(path, p) if p is not None else path))
+    return out
+
+
+def changed_paths(dvc_yaml: str | Path = "dvc.yaml", p: Params | None = None) -> list[str] | None:
+    """Paths under this directory that differ from the git commit (modified, staged, deleted or untracked and not
+    ignored), except DVC's own outputs (dvc_outputs), the .gitignore files DVC edits for them and `*.dvc` pointers;
+    params.yaml too under `dvc exp run`, where it differs by design (the -S values, recorded in params_hash).
+    None outside a git work tree."""
+    if not _git("rev-parse", "--verify", "-q", "HEAD"):
+        return None
+    listed = subprocess.run(["git", "diff", "--name-only", "--relative", "-z", "HEAD"], capture_output=True, text=True)
+    untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], capture_output=True,
+                               text=True)
+    paths = {p for p in (listed.stdout + untracked.stdout).split("\0") if p}
+    managed = [str(o).rstrip("/") for o in dvc_outputs(dvc_yaml, p)] if Path(dvc_yaml).is_file() else []
+    skip = {"params.yaml"} if os.environ.get("DVC_EXP_BASELINE_REV") else set()
+
+    def dvc_made(path: str) -> bool:
+        return (path in skip or Path(path).name == ".gitignore" or path.endswith(".dvc")
+                or any(path == m or path.startswith(m + "/") for m in managed))
+
+    return sorted(path for path in paths if not dvc_made(path))
+
+
 def provenance(p: Params, seed: int | None) -> dict:
-    """What produced an output: the code's commit (and whether the work tree differed from it), the hash
-    of all params, package versions, the seed and the world size."""
+    """What produced an output: the code's commit, whether code, configs or params differed from it and where
+    (changed_paths: DVC's own outputs do not count), the hash of all params, package versions, the seed and the
+    world size."""
+    changed = changed_paths(p=p)
     return {"git_commit": _git("rev-parse", "HEAD") or "unknown",
-            "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            "git_dirty": bool(changed) if changed is not None else None, "git_changed": changed or [],
+            "dvc_experiment": os.environ.get("DVC_EXP_NAME") or None,
             "params_hash": params_hash(p.to_dict()), "seed": seed, "world_size": p.world_size,
             "versions": {"python": platform.python_version()} | {k: _version(k) for k in PACKAGES}}
 
@@ -70,15 +108,20 @@ def stage_deps(stage: str, p: Params, dvc_yaml: str | Path = "dvc.yaml") -> list
     stages = read_yaml_mapping(dvc_yaml, "sections (stages, plots...)").get("stages") or {}
     if stage not in stages:
         raise ValueError(f"{dvc_yaml}: no stage {stage!r}")
+    return [Path(_resolve(dep, p)) for dep in stages[stage].get("deps", [])]
+
+
+def _resolve(path: str, p: Params) -> str:
+    """A dvc.yaml path with its ${section.key} references replaced by the params' values."""
     values = p.to_dict()
 
-    def resolve(match: re.Match) -> str:
-        value = values
+    def value(match: re.Match) -> str:
+        v = values
         for key in match.group(1).split("."):
-            value = value[key]
-        return str(value)
+            v = v[key]
+        return str(v)
 
-    return [Path(re.sub(r"\$\{([\w.]+)\}", resolve, dep)) for dep in stages[stage].get("deps", [])]
+    return re.sub(r"\$\{([\w.]+)\}", value, path)
 
 
 def stage_identity(stage: str, p: Params, section: dict) -> str:
