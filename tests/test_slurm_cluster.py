@@ -14,6 +14,7 @@ import pytest
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from pipeline.compat import submitit as submitit_compat
 from tests.slurm_fixture import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +55,9 @@ class Counter(submitit.helpers.Checkpointable):
         return start
 
     def checkpoint(self, progress: Path, total: int, hold_at: int) -> submitit.helpers.DelayedSubmission:
-        # job._interrupt() sends SIGTERM then USR2, but slurmctld forwards each from its own thread, so SIGTERM
-        # may land after USR2 and kill `scontrol requeue` mid-flight. Wait until this process has had its SIGTERM
-        # (submitit's handler ignores it): from then on the requeue cannot be hit by it.
+        # a preemption (submitit_compat.interrupt) sends SIGTERM then USR2, but slurmctld forwards each from its own
+        # thread, so SIGTERM may land after USR2 and kill `scontrol requeue` mid-flight. Wait until this process has
+        # had its SIGTERM (submitit's handler ignores it): from then on the requeue cannot be hit by it.
         wait_for(lambda: bool(SIGTERMS), 300, "the SIGTERM of the preemption")
         return super().checkpoint(progress, total, hold_at)
 
@@ -101,7 +102,7 @@ def test_scancel_is_seen_as_cancelled(slurm_cluster: SlurmCluster, tmp_path: Pat
                            capture_output=True, text=True, check=True)
     assert sacct.stdout.startswith("CANCELLED")
     assert job.state.startswith("CANCELLED")
-    job._results_timeout_s = 0  # no result file will come: skip submitit's 15 s wait for slow file systems
+    submitit_compat.expect_no_result(job)  # no result file will come: skip submitit's wait for slow file systems
     with pytest.raises(UncompletedJobError, match="CANCELLED"):
         job.result()
 
@@ -110,7 +111,7 @@ def test_interrupted_job_resumes_from_saved_progress(slurm_cluster: SlurmCluster
     progress, total, hold_at = tmp_path / "progress", 10, 3
     job = make_executor(tmp_path, slurm_cluster).submit(Counter(), progress, total, hold_at)
     wait_for(lambda: read_count(progress) == hold_at, 600, "the first run to reach its hold")
-    job._interrupt()  # preemption: SIGTERM then USR2, as SLURM does
+    submitit_compat.interrupt(job)  # preemption: SIGTERM then USR2, as SLURM does
     wait_for(job.done, 600, "the requeued run to finish")
 
     assert job.result() == hold_at  # resumed from the saved count, not from zero
