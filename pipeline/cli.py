@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import atomic_write, files_digest, params_hash
+from pipeline.compat import CompatError
 from pipeline.config import ConfigError, Params, load_params, read_yaml_mapping
 from pipeline.launch import JobFailed
 
@@ -137,10 +138,11 @@ def write_metrics(path: str | Path, metrics: dict, p: Params, seed: int | None, 
 
 
 def run_stage(name: str, main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
-    """Load and validate params, run `main`; bad input, an unwritable or full disk, a diverged run and a failed
-    SLURM job (id, state, tail of its log) end the stage with that message and exit code 2, not a traceback."""
+    """Load and validate params, run `main`; bad input, an unwritable or full disk, a diverged run, a failed
+    SLURM job (id, state, tail of its log) and a dependency missing an internal name (compat) end the stage with
+    that message and exit code 2, not a traceback."""
     try:
         main(load_params(params_path))
-    except (ConfigError, OSError, ValueError, FloatingPointError, JobFailed) as e:
+    except (ConfigError, OSError, ValueError, FloatingPointError, JobFailed, CompatError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
