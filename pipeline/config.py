@@ -10,12 +10,14 @@ from __future__ import annotations
 import difflib
 import math
 import sys
+import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 ARCHS = ("resnet18", "resnet50")
 # The pretrain stage's output: the default weights of the stages that evaluate a backbone. A path, not "",
@@ -74,7 +76,7 @@ class SyncoParams:
     perturbed, adversarial)."""
 
     n_hard: int = _f(16, min=2)  # N (toy scale, for K 256; the paper's values are the synco preset)
-    counts: list = _f([6, 6, 6, 2, 2, 2])  # n1..n6; 0 switches a type off
+    counts: list[int] = _f([6, 6, 6, 2, 2, 2])  # n1..n6; 0 switches a type off
     sigma: float = _f(0.01, min=0)  # type 4 noise std
     delta: float = _f(0.01, min=0)  # type 5 step
     eta: float = _f(0.01, min=0)  # type 6 step
@@ -96,7 +98,7 @@ class PretrainParams:
     momentum: float = _f(0.9, min=0, max=1)
     weight_decay: float = _f(1e-4, min=0)
     schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
-    lr_steps: list = _f([0.6, 0.8])  # fractions of training at which "step" multiplies lr by 0.1
+    lr_steps: list[float] = _f([0.6, 0.8])  # fractions of training at which "step" multiplies lr by 0.1
     res: int = _f(32, min=8)
     dim: int = _f(128, min=1)  # feature dimension of the projection head
     queue_size: int = _f(256, min=1)  # K
@@ -110,8 +112,8 @@ class PretrainParams:
     analysis_every: int = _f(2, min=1)  # epochs between the analyses of the val set (and the last epoch)
     wordnet: str = _f("/usr/share/wordnet/data.noun")  # WordNet 3.0 nouns, for classes named by ImageNet ids; "" = off
     keep_every: int = _f(0, min=0)  # also keep checkpoints/pretrain/epoch_<n>.pt every this many epochs (0 = off)
-    crop_scale: list = _f([0.2, 1.0])
-    blur_sigma: list = _f([0.1, 2.0])  # MoCo v2 uses 0.1-2.0 px at 224 px
+    crop_scale: list[float] = _f([0.2, 1.0])
+    blur_sigma: list[float] = _f([0.1, 2.0])  # MoCo v2 uses 0.1-2.0 px at 224 px
     seed: int = _f(0, min=0)
 
 
@@ -123,7 +125,7 @@ class LinevalParams:
     lr: float = _f(10.0, min_exclusive=0)  # MoCo: 30 on IN-1k, 10 on IN-100 (batch 256)
     momentum: float = _f(0.9, min=0, max=1)
     weight_decay: float = _f(0.0, min=0)
-    lr_steps: list = _f([0.6, 0.8])  # MoCo: x0.1 at epochs 60 and 80 of 100
+    lr_steps: list[float] = _f([0.6, 0.8])  # MoCo: x0.1 at epochs 60 and 80 of 100
     res: int = _f(32, min=8)
     augment: bool = _f(False)  # RandomResizedCrop+flip per epoch (reference); False = features computed once
     seed: int = _f(0, min=0)
@@ -178,7 +180,7 @@ class DetectionRunParams:
     max_iter: int = _f(100, min=1)
     base_lr: float = _f(0.02, min_exclusive=0)  # for ims_per_batch images (paper: 0.02 at 16)
     ims_per_batch: int = _f(4, min=1)  # global batch (paper: 16)
-    min_size_train: list = _f([128])  # shorter side, one drawn per image (paper VOC: 480..800, COCO 640..800)
+    min_size_train: list[int] = _f([128])  # shorter side, one drawn per image (paper VOC: 480..800, COCO 640..800)
     max_size_train: int = _f(160, min=16)
     min_size_test: int = _f(128, min=16)
     max_size_test: int = _f(160, min=16)
@@ -193,7 +195,7 @@ class DetectionRunParams:
 @dataclass
 class VocParams(DetectionRunParams):
     root: str = _f("data/toy_det/VOCdevkit")  # a VOCdevkit folder holding VOC2007 (and VOC2012)
-    train_splits: list = _f(["VOC2007/trainval", "VOC2012/trainval"])  # <year folder>/<ImageSets/Main split>
+    train_splits: list[str] = _f(["VOC2007/trainval", "VOC2012/trainval"])  # <year folder>/<ImageSets/Main split>
     test_split: str = _f("VOC2007/test")
 
 
@@ -233,7 +235,7 @@ class LaunchParams:
     timeout_min: int = _f(60, min=1)
     signal_delay_s: int = _f(120, min=0)  # preemption/time-limit signal this long before the end: checkpoint + requeue
     max_requeues: int = _f(10, min=0)
-    extra_sbatch: dict = _f({})  # any other sbatch option, e.g. {exclusive: true}
+    extra_sbatch: dict[str, str | int | float | bool] = _f({})  # any other sbatch option, e.g. {exclusive: true}
     local_scratch: str = _f("")  # copy the .beton files to this node-local dir before training ("" = read in place)
     setup: list = _f([])  # shell lines run in the job script before the tasks start (module load, conda activate)
 
@@ -261,16 +263,52 @@ class Params:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is not None:
+        return str(tp)
     return getattr(tp, "__name__", str(tp))
 
 
-def _check_value(key: str, value: Any, f: Any, tp: Any) -> Any:
-    """Type-check one leaf value (int accepted for float) and apply its metadata constraints."""
+def _kind(value: Any) -> str:
+    """'a list', 'a str'...: how a wrong value is described in an error."""
+    name = type(value).__name__
+    return "nothing (null)" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """`value` as type `tp` (int accepted for float; lists, dicts and unions checked element by element). Every
+    float must be finite: a `.nan` or `.inf` would pass each min/max comparison as False and fail much later."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"params: {key} = {value!r} must be of type {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"params: {key} = {value!r} must be a list of {_type_name(typing.get_args(tp)[0])}")
+        return [_check_type(f"{key}[{i}]", v, typing.get_args(tp)[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"params: {key} = {value!r} must be a mapping")
+        return {_check_type(f"{key} (a key)", k, key_tp): _check_type(f"{key}.{k}", v, value_tp)
+                for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    ok = isinstance(value, tp) and not (tp in (int, float) and isinstance(value, bool))
-    if not ok:
+    if not isinstance(value, tp) or (tp in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"params: {key} = {value!r} must be of type {_type_name(tp)}")
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(f"params: {key} = {value!r} must be a finite number")
+    return value
+
+
+def _check_value(key: str, value: Any, f: Any, tp: Any) -> Any:
+    """Type-check one leaf value and apply its metadata constraints."""
+    value = _check_type(key, value, tp)
     meta = f.metadata
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"params: {key} = {value!r} is not one of {', '.join(map(str, meta['choices']))}")
@@ -287,7 +325,8 @@ def _check_value(key: str, value: Any, f: Any, tp: Any) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"params: {prefix or 'the file'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"params: {prefix or 'the top level'} must be a mapping of keys "
+                          f"({', '.join(f.name for f in fields(cls))}), got {_kind(raw)}: {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     for key in raw:
@@ -304,7 +343,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if is_dataclass(tp):
-            values[name] = _build(tp, raw.get(name, {}), key)
+            values[name] = _build(tp, raw.get(name, {}), key)  # a section present but empty (null) is refused
         elif name in raw:
             values[name] = _check_value(key, raw[name], f, tp)
         else:
@@ -340,14 +379,17 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(f"params: pretrain.synco.counts = {counts!r} must be six integers >= 0 (n1..n6)")
     if pt.method == "mochi" and pt.mochi.s + pt.mochi.s_prime == 0 or pt.method == "synco" and sum(counts) == 0:
         raise ConfigError(f"params: pretrain.method = {pt.method} with no synthetic negatives (all counts 0)")
-    if pt.method != "moco":
-        n_hard = getattr(pt, pt.method).n_hard
-        left = pt.queue_size - math.ceil(round(pt.drop_hardest * pt.queue_size, 9))  # as losses.drop_hardest
-        if n_hard > left:
-            raise ConfigError(
-                f"params: pretrain.{pt.method}.n_hard = {n_hard} must be at most the {left} queue entries left "
-                f"after pretrain.drop_hardest = {pt.drop_hardest} of pretrain.queue_size = {pt.queue_size}"
-            )
+    dropped = math.ceil(round(pt.drop_hardest * pt.queue_size, 9))  # as losses.drop_hardest counts them
+    if dropped >= pt.queue_size:
+        raise ConfigError(f"params: pretrain.drop_hardest = {pt.drop_hardest} drops {dropped} of the "
+                          f"pretrain.queue_size = {pt.queue_size} negatives: at least one must be left")
+    hard = {"mochi": pt.mochi, "synco": pt.synco}.get(pt.method)
+    if hard is not None and hard.n_hard > pt.queue_size - dropped:  # the synthesis would silently use fewer
+        raise ConfigError(
+            f"params: pretrain.{pt.method}.n_hard = {hard.n_hard} must be at most the {pt.queue_size - dropped} "
+            f"queue entries left after pretrain.drop_hardest = {pt.drop_hardest} of pretrain.queue_size = "
+            f"{pt.queue_size}: the hard negatives are each query's top N of them"
+        )
     _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
     _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
     toy = p.detection.toy
@@ -363,6 +405,14 @@ def _check_cross(p: Params) -> None:
         sizes = run.min_size_train
         if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
             raise ConfigError(f"params: {key}.min_size_train = {sizes!r} must be a non-empty list of positive integers")
+        # detectron2 scales the shorter side to min_size unless the longer one would pass max_size: a min_size
+        # above max_size is never reached, and the images silently come out smaller than asked
+        if max(sizes) > run.max_size_train:
+            raise ConfigError(f"params: {key}.min_size_train = {sizes!r} must not exceed {key}.max_size_train = "
+                              f"{run.max_size_train}")
+        if run.min_size_test > run.max_size_test:
+            raise ConfigError(f"params: {key}.min_size_test = {run.min_size_test} must not exceed "
+                              f"{key}.max_size_test = {run.max_size_test}")
     setup = p.launch.setup
     if not all(isinstance(line, str) and "\n" not in line for line in setup):
         raise ConfigError(f"params: launch.setup = {setup!r} must be a list of one-line shell commands")
@@ -375,6 +425,44 @@ def _check_cross(p: Params) -> None:
     for key, steps in (("pretrain.lr_steps", pt.lr_steps), ("lineval.lr_steps", p.lineval.lr_steps)):
         if not all(isinstance(s, (int, float)) and 0 < s < 1 for s in steps) or list(steps) != sorted(steps):
             raise ConfigError(f"params: {key} = {steps!r} must be increasing fractions of training in (0, 1)")
+    lp = p.launch
+    if lp.executor == "slurm" and lp.signal_delay_s >= 60 * lp.timeout_min:  # signalled at start: requeued for ever
+        raise ConfigError(f"params: launch.signal_delay_s = {lp.signal_delay_s} must be less than launch.timeout_min "
+                          f"= {lp.timeout_min} minutes, else the job is told to checkpoint as soon as it starts")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as DVC reads params.yaml and dvc.yaml (ruamel.yaml, safe, YAML 1.2: `1e-3` is a float,
+    `yes` a string, a duplicate key an error). Every stage and tool of this project reads YAML through here, so
+    `dvc exp run -S` values mean the same to DVC and to the stages. Syntax errors: one line, file:line:column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        return YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(e.problem or e.context or "invalid YAML").split())
+        if e.problem and e.context and e.context_mark and e.context_mark is not mark:
+            problem += f" ({e.context} from line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """read_yaml of a file whose top level must be a mapping (an empty file is an empty one)."""
+    raw = read_yaml(path)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {what}, got {_kind(raw)}")
+    return raw
 
 
 SIMCLR_FRACTIONS = (0.01, 0.1)  # SimCLR's ImageNet lists: 1percent.txt, 10percent.txt
@@ -398,23 +486,22 @@ def _check_semisup(sp: SemisupParams) -> None:
 
 
 def _profile(params_path: Path, name: str) -> tuple[dict, Path]:
-    """A named cluster profile: slurm/profiles/<name>.yaml beside params.yaml, a `launch:` mapping; and its path."""
-    path = params_path.parent / "slurm" / "profiles" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(f.stem for f in path.parent.glob("*.yaml"))
+    """A named cluster profile: slurm/profiles/<name>.yaml beside params.yaml, a `launch:` mapping whose keys are
+    checked here, so that an error names the profile's file; and its path."""
+    folder = params_path.parent / "slurm" / "profiles"
+    path = folder / f"{name}.yaml"
+    if Path(name).name != name or not path.is_file():
+        known = sorted(f.stem for f in folder.glob("*.yaml"))
         raise ConfigError(f"params: launch.profile = {name!r}: no file {path} (profiles: {', '.join(known) or 'none'})")
+    raw = read_yaml_mapping(path, "sections (launch)")
+    if set(raw) - {"launch"}:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(map(repr, sorted(set(raw) - {'launch'})))}; "
+                          f"a profile holds only 'launch'")
+    launch = raw.get("launch", {})
     try:
-        launch = (yaml.safe_load(path.read_text()) or {}).get("launch", {})
-    except yaml.YAMLError as e:
-        raise ConfigError(f"params: {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(launch, dict):
-        raise ConfigError(f"params: {path}: 'launch' must be a mapping")
-    known = {f.name for f in fields(LaunchParams)} - {"profile"}
-    for key in launch:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"params: {path}: unknown key 'launch.{key}'{hint}; allowed: {', '.join(sorted(known))}")
+        _build(LaunchParams, launch, "launch")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {str(e).removeprefix('params: ')}") from None
     return launch, path
 
 
@@ -432,17 +519,18 @@ def merge_profile(params_path: Path, launch: dict) -> tuple[dict, list[str]]:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read, type-check and validate params.yaml; raises ConfigError with one line naming the key."""
+    """Read (as DVC does: read_yaml), type-check and validate params.yaml; raises ConfigError with one line
+    naming the key, or the file, line and column of a syntax error."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params: file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"params: {path} is not valid YAML: {e}") from None
-    launch = raw.get("launch") or {}
+        raw = read_yaml_mapping(path, f"sections ({', '.join(f.name for f in fields(Params))})")
+    except ConfigError as e:
+        raise ConfigError(f"params: {e}") from None
+    launch = raw.get("launch")
     warnings: list[str] = []
-    if isinstance(launch, dict) and launch.get("profile"):
+    if isinstance(launch, dict) and isinstance(launch.get("profile"), str) and launch["profile"]:
         raw["launch"], warnings = merge_profile(path, launch)
     params = _build(Params, raw, "")
     _check_cross(params)

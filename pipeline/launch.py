@@ -23,8 +23,8 @@ from typing import Any
 import submitit
 import torch
 import torch.distributed as dist
-from submitit.slurm.slurm import SlurmJobEnvironment
 
+from pipeline.compat import submitit as submitit_compat
 from pipeline.config import Params
 
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -69,7 +69,7 @@ class PreemptionFlag:
         self.signum: int | None = None
         self._submitit_handler = None
         if "SLURM_JOB_ID" in os.environ:
-            sig = getattr(signal, f"SIG{SlurmJobEnvironment.USR_SIG}")  # USR2 unless SUBMITIT_PREEMPT_SIGNAL
+            sig = submitit_compat.preemption_signal()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL
             self._submitit_handler = signal.getsignal(sig)
             signal.signal(sig, self._set)
 

@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
 from pipeline.checkpoint import atomic_write
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError, Params, load_params, read_yaml_mapping
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -39,7 +38,7 @@ def leaves(names: list[str]) -> dict[str, Any]:
         path = PRESETS / f"{name}.yaml"
         if not path.is_file():
             raise ConfigError(f"preset {name!r} not found in {PRESETS}; available: {', '.join(available())}")
-        out |= _flatten(yaml.safe_load(path.read_text()) or {})
+        out |= _flatten(read_yaml_mapping(path, "params sections"))
     return out
 
 

@@ -2,11 +2,10 @@
 
 Runs here or as a one-task SLURM job, per launch.executor."""
 
-import json
 from pathlib import Path
 
 from pipeline import launch
-from pipeline.cli import run_stage, stage_identity, write_metrics
+from pipeline.cli import read_json, run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone, random_init_backbone
 from pipeline.train.evaluate import knn_top1
@@ -15,7 +14,7 @@ from pipeline.train.evaluate import knn_top1
 def evaluate(p: Params) -> dict:
     pretrained = load_backbone(Path(p.knn.checkpoint), p.model.arch, "knn.checkpoint")
     control = random_init_backbone(p.model.arch, p.pretrain.seed)  # same architecture, evaluated identically
-    num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
+    num_classes = read_json("metrics/ffcv.json", "train", "classes")
     betons = Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton")
     kn = p.knn
     device = launch.local_device()
@@ -27,6 +26,10 @@ def evaluate(p: Params) -> dict:
 
 
 def main(p: Params) -> None:
+    n_train = read_json("metrics/ffcv.json", "train", "images")
+    if p.knn.k > n_train:  # the kNN would quietly use every training image
+        print(f"knn: warning: knn.k = {p.knn.k} is more than the {n_train} training images; every image votes "
+              f"(k = {n_train})", flush=True)
     identity = stage_identity("knn", p, p.to_dict())
     metrics, job = launch.run(p, "knn", evaluate, p, identity=identity, single_task=True)
     print(f"knn: top-1 {metrics['top1']:.2f} (random init {metrics['random_init_top1']:.2f})")

@@ -2,11 +2,10 @@
 
 Runs here or as a one-task SLURM job, per launch.executor."""
 
-import json
 from pathlib import Path
 
 from pipeline import launch
-from pipeline.cli import run_stage, stage_identity, write_metrics
+from pipeline.cli import read_json, run_stage, stage_identity, write_metrics
 from pipeline.config import Params
 from pipeline.models.backbone import load_backbone
 from pipeline.train.evaluate import linear_eval
@@ -15,7 +14,7 @@ from pipeline.train.evaluate import linear_eval
 def evaluate(p: Params) -> dict:
     ckpt = Path(p.lineval.checkpoint)
     backbone = load_backbone(ckpt, p.model.arch, "lineval.checkpoint")
-    num_classes = json.loads(Path("metrics/ffcv.json").read_text())["train"]["classes"]
+    num_classes = read_json("metrics/ffcv.json", "train", "classes")
     metrics = linear_eval(backbone, p.model.arch, Path("data/ffcv/train.beton"), Path("data/ffcv/val.beton"),
                           num_classes, p.lineval, p.data.num_workers, Path("dvclive/lineval"), launch.local_device())
     return metrics | {"checkpoint": str(ckpt)}

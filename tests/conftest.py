@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import Params
+from pipeline.config import Params, read_yaml
 from pipeline.data.ffcv_io import write_beton
 from tests.slurm_fixture import slurm_cluster  # noqa: F401  (the real one-node SLURM cluster)
 
@@ -65,7 +65,7 @@ def make_project(path: Path) -> tuple[Path, Callable[[dict], None]]:
 
     def set_params(over: dict) -> None:
         params = path / "params.yaml"
-        params.write_text(yaml.safe_dump(merge(yaml.safe_load(params.read_text()), over), sort_keys=False))
+        params.write_text(yaml.safe_dump(merge(read_yaml(params), over), sort_keys=False))
 
     set_params(TINY)
     run(["git", "add", "-A"], path)

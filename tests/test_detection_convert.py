@@ -13,6 +13,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from pipeline.compat import detectron2 as d2
 from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.convert import convert_moco_to_d2, save_d2_weights, verify_conversion
 
@@ -170,6 +171,13 @@ def test_cfg_follows_moco_configs():
     assert coco.MODEL.MASK_ON and coco.MODEL.ROI_HEADS.NUM_CLASSES == 80
     assert (coco.SOLVER.MAX_ITER, tuple(coco.SOLVER.STEPS)) == (180_000, (120_000, 160_000))
     assert tuple(build_c4_cfg("resnet50", "coco", 80).SOLVER.STEPS) == (60_000, 80_000)
+    two_x = build_c4_cfg("resnet50", "coco", 80, schedule="2x")  # COCO_SCHEDULES: defined once, in c4.py
+    assert (two_x.SOLVER.MAX_ITER, tuple(two_x.SOLVER.STEPS), two_x.SOLVER.WARMUP_ITERS) == (
+        180_000, (120_000, 160_000), 1000)
+    short_2x = build_c4_cfg("resnet18", "coco", 3, max_iter=180, schedule="2x")  # the 2x shape, scaled
+    assert tuple(short_2x.SOLVER.STEPS) == (120, 160)
+    with pytest.raises(ValueError, match="schedule '3x' not supported for coco"):
+        build_c4_cfg("resnet18", "coco", 3, schedule="3x")
     # a short run keeps the schedule's shape
     toy = build_c4_cfg("resnet18", "voc", 3, max_iter=240)
     assert (tuple(toy.SOLVER.STEPS), toy.SOLVER.WARMUP_ITERS) == ((180, 220), 1)
@@ -200,8 +208,7 @@ def test_train_step_and_inference_on_cpu(nets, arch, task):
     torch.manual_seed(0)
     cfg = build_c4_cfg(arch, task, 3, **SMALL)
     model = build_model(cfg).train()
-    DetectionCheckpointer(model)._load_model(
-        {"model": convert_moco_to_d2(nets[arch].state_dict(), arch), "matching_heuristics": True})
+    d2.load_report(model, {"model": convert_moco_to_d2(nets[arch].state_dict(), arch), "matching_heuristics": True})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with EventStorage(0):

@@ -20,7 +20,7 @@ from pipeline.data.ffcv_io import write_beton
 from pipeline.models.backbone import load_backbone, resnet
 from pipeline.train import pretrain as pretrain_module
 from pipeline.train.pretrain import pretrain
-from stages import ffcv_convert
+from stages import ffcv_convert, knn
 from tests.conftest import tiny_pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,3 +204,53 @@ def test_stage_identity_follows_the_stage_code_and_data_not_other_files(tmp_path
     assert checkpoint.files_digest([big], content_limit=10) != before
     with pytest.raises(ValueError, match="no stage 'eval'"):
         stage_deps("eval", p)
+
+
+# ---- a bad params file, a damaged file of an earlier stage -----------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- data\n- pretrain\n", "params: params.yaml: the top level must be a mapping of sections (data, toy, "),
+    ("7\n", "params: params.yaml: the top level must be a mapping of sections (data, toy, "),
+    ("pretrain:\n  lr: .nan\n", "params: pretrain.lr = nan must be a finite number"),
+    ("pretrain:\n  temperature: .inf\n", "params: pretrain.temperature = inf must be a finite number"),
+    ("pretrain:\n  lr: [0.1\n", "params: params.yaml:3:1: invalid YAML: expected ',' or ']'"),
+    ("pretrain:\n  method: mochi\n  mochi:\n    n_hard: 512\n",
+     "params: pretrain.mochi.n_hard = 512 must be <= pretrain.queue_size = 256"),
+])
+def test_a_bad_params_file_ends_the_stage_in_one_line_before_any_work(tmp_path: Path, text: str, message: str):
+    """These used to end in a traceback (a list or a scalar as the file), at step 0 as "loss is nan" (a .nan), in a
+    multi-line parser message (a syntax error), or trained silently with N = K (n_hard above the queue)."""
+    (tmp_path / "params.yaml").write_text(text)
+    r = subprocess.run([sys.executable, "-m", "stages.pretrain"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"pretrain: error: {message}") and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was started
+
+
+def test_a_damaged_metrics_file_of_an_earlier_stage_is_named(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ffcv = Path("metrics/ffcv.json")
+    ffcv.parent.mkdir()
+    for text, message in (('{"train": ', "metrics/ffcv.json:1:11: not valid JSON: Expecting value"),
+                          ('{"val": {}}', "metrics/ffcv.json: no 'train' in it"),
+                          ('{"train": {"classes": 3}}', "metrics/ffcv.json: no 'train.images' in it")):
+        ffcv.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            run_stage("knn", knn.main, str(REPO / "params.yaml"))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"knn: error: {message}") and err.count("\n") == 1, err
+
+
+def test_knn_warns_when_k_exceeds_the_training_images(tmp_path: Path, monkeypatch, capsys):
+    """knn_predict caps k at the training set; the stage says so, naming the key, before it starts."""
+    monkeypatch.chdir(tmp_path)
+    Path("metrics").mkdir()
+    Path("metrics/ffcv.json").write_text('{"train": {"images": 12, "classes": 3}}')
+    with pytest.raises(SystemExit):  # then stops: this folder holds no project
+        run_stage("knn", knn.main, str(REPO / "params.yaml"))
+    out = capsys.readouterr()
+    assert out.out == "knn: warning: knn.k = 20 is more than the 12 training images; every image votes (k = 12)\n"
+    assert out.err.startswith("knn: error: ") and out.err.count("\n") == 1

@@ -88,45 +88,64 @@ def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
 
 
 def test_killed_pretraining_resumes_from_the_saved_step(project):
+    """A SIGKILL at any moment after the first checkpoint leaves a checkpoint of a finished epoch, and a run resumed
+    from such a checkpoint ends exactly where an uninterrupted one does. Nothing here depends on when the kill
+    lands: the mid-run resume is also checked from a kept epoch checkpoint (pretrain.keep_every)."""
     path, set_params = project
-    set_params({"pretrain": {"epochs": 4}})
+    set_params({"pretrain": {"epochs": 4, "keep_every": 1}})
     run(["dvc", "repro", "ffcv_convert"], path)
-    state = path / "checkpoints/pretrain/last.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={"PYTHONPATH": str(path), "PATH": "/usr/bin:/bin"})
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # mid-training, after at least one complete epoch
-    proc.wait()
-    assert state.exists(), proc.stdout.read()
+    state, models = path / "checkpoints/pretrain/last.pt", path / "models/pretrain/checkpoint.pt"
 
-    saved = torch.load(state, weights_only=True)
-    assert saved["batch"] == 0 and saved["step"] == saved["epoch"] * 6
-    assert 1 <= saved["epoch"] < 4, "the kill came too late to test a resume"
+    def pretrain_stage() -> str:
+        return run([sys.executable, "-m", "stages.pretrain"], path).stdout
 
-    out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    # on CPU, uninterrupted: the reference weights, loss and one kept checkpoint per epoch
+    pretrain_stage()
+    straight = torch.load(models, weights_only=True)
+    final_loss = json.loads((path / "metrics/pretrain.json").read_text())["loss"]
+    epoch1 = torch.load(path / "checkpoints/pretrain/epoch_0001.pt", weights_only=True)
+    assert (epoch1["epoch"], epoch1["batch"], epoch1["step"]) == (1, 0, 6)
+
+    def assert_same_as_straight() -> None:
+        resumed = torch.load(models, weights_only=True)
+        assert resumed["model"].keys() == straight["model"].keys()
+        differ = [k for k in straight["model"] if not torch.equal(resumed["model"][k], straight["model"][k])]
+        assert not differ, f"resumed and uninterrupted runs differ in {differ[:5]}"
+        assert json.loads((path / "metrics/pretrain.json").read_text())["loss"] == final_loss
+
+    # a real SIGKILL once the first checkpoint exists (an event, however slow the machine)
+    shutil.rmtree(path / "checkpoints/pretrain")
+    models.unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={"PYTHONPATH": str(path), "PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 900  # ends a hang only
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(state, weights_only=True)  # whole, whatever the moment of the kill
     e = saved["epoch"]
+    assert 1 <= e <= 4 and saved["batch"] == 0 and saved["step"] == e * 6
+    out = pretrain_stage()
     assert f"resuming {state} at epoch {e + 1} batch 0 (step {saved['step']})" in out
     assert f"pretrain: epoch {e}/4 loss" not in out  # the saved epoch is not trained again
-    assert f"pretrain: epoch {e + 1}/4 loss" in out
-    final = json.loads((path / "metrics/pretrain.json").read_text())
-    assert final["steps"] == 4 * 6
+    assert_same_as_straight()
 
-    # on CPU the resumed run ends exactly where an uninterrupted one does: same weights, queue, metrics
-    resumed = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)
-    shutil.rmtree(path / "checkpoints/pretrain")
-    run([sys.executable, "-m", "stages.pretrain"], path)
-    straight = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)
-    assert resumed["model"].keys() == straight["model"].keys()
-    differ = [k for k in straight["model"] if not torch.equal(resumed["model"][k], straight["model"][k])]
-    assert not differ, f"resumed and uninterrupted runs differ in {differ[:5]}"
-    assert json.loads((path / "metrics/pretrain.json").read_text())["loss"] == final["loss"]
+    # killed right after epoch 1, whatever the timing above: resume from the checkpoint epoch 1 left
+    shutil.copyfile(path / "checkpoints/pretrain/epoch_0001.pt", state)
+    models.unlink()
+    out = pretrain_stage()
+    assert f"resuming {state} at epoch 2 batch 0 (step 6)" in out
+    assert "pretrain: epoch 1/4 loss" not in out and "pretrain: epoch 2/4 loss" in out
+    assert json.loads((path / "metrics/pretrain.json").read_text())["steps"] == 4 * 6
+    assert_same_as_straight()
 
     # the same code continues the finished run (nothing left to train); after a change to the stage's code it
     # starts afresh: dvc repro must not record the old run's weights under the new code
-    assert f"resuming {state} at epoch 5" in run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    assert f"resuming {state} at epoch 5" in pretrain_stage()
     with open(path / "pipeline/analysis.py", "a") as f:
         f.write("\n# edited\n")
-    out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    out = pretrain_stage()
     assert "belongs to other params, code or data; starting from scratch" in out and "resuming" not in out

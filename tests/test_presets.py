@@ -35,12 +35,15 @@ def test_each_preset_validates(params_file, name):
 
 
 def test_apply_keeps_comments_and_leaves_other_keys(params_file):
-    before = load_params(params_file)
-    apply(["mochi-512-1024-512"], params_file)
+    before, original = load_params(params_file), params_file.read_text()
+    with pytest.raises(ConfigError, match=r"pretrain\.mochi\.n_hard = 512 must be <= pretrain\.queue_size = 256"):
+        apply(["mochi-512-1024-512"], params_file)  # N 512 of the toy's K 256 would silently be N = K
+    assert params_file.read_text() == original  # nothing written
+    apply(["mochi-128-1024-512"], params_file)
     text = params_file.read_text()
     assert "# Every knob of every stage." in text and "# v2 projection head" in text
     after = load_params(params_file)
-    assert (after.pretrain.method, after.pretrain.mochi.n_hard) == ("mochi", 512)
+    assert (after.pretrain.method, after.pretrain.mochi.n_hard) == ("mochi", 128)
     assert after.data == before.data and after.lineval == before.lineval
 
 

@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 from PIL import Image
 from torch import Tensor
 
+from pipeline.compat import ffcv as ffcv_compat
 from pipeline.data.augment import (
     CROP_STREAM,
     FLIP,
@@ -54,11 +55,9 @@ from pipeline.data.augment import (
 )
 from pipeline.data.batch import TwoViewBatch
 
-# ffcv sets torch's process-wide intra-op thread count to 1 when imported, and to num_workers on creating a
-# Loader and on starting an epoch; put a default back (OMP_NUM_THREADS, else a SLURM task's CPUs, else the
-# usable cores). The loaders below keep whatever count the caller has when they are created (LoaderState).
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
-                      or len(os.sched_getaffinity(0)))
+# ffcv sets torch's process-wide intra-op thread count to 1 when imported (pipeline.compat.ffcv puts a default
+# back), and to num_workers on creating a Loader and on starting an epoch: the loaders below keep whatever count
+# the caller has when they are created (LoaderState).
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect ratio range
@@ -383,9 +382,9 @@ def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: b
 def _wait_for_batch(it: EpochIterator) -> None:
     """Block until ffcv's loading thread has put its next batch (or end marker) in the queue; fail if that
     thread died instead (a numba compile error, a bad record): ffcv's own next() would wait for ever."""
-    queue = it.output_queue
+    queue = ffcv_compat.output_queue(it)
     with queue.not_empty:
-        while not queue._qsize():
+        while not ffcv_compat.batch_ready(it):
             if not it.is_alive():
                 raise RuntimeError("ffcv's loading thread ended before its epoch did (its traceback is above)")
             queue.not_empty.wait(timeout=0.5)
@@ -398,7 +397,7 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
     """
     state.epoch[0] = epoch
     state.errors.clear()
-    loader.next_epoch = epoch  # ffcv's RANDOM order of this epoch: permutation seeded by seed + epoch
+    ffcv_compat.set_next_epoch(loader, epoch)  # ffcv's RANDOM order of this epoch: permutation seeded by seed + epoch
     it = iter(loader)
     try:
         while True:
@@ -417,8 +416,8 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
             it.join(timeout=1.0)
             # ffcv's end-of-epoch marker is put without a timeout: if the consumer left with the prefetch
             # queue full, that put would block for ever; free one slot for it
-            if it.is_alive() and it.output_queue.full():
-                it.output_queue.get_nowait()
+            if it.is_alive() and ffcv_compat.output_queue(it).full():
+                ffcv_compat.output_queue(it).get_nowait()
 
 
 class TwoViewLoader:

@@ -17,12 +17,14 @@ from torch import nn
 DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 RES5_BLOCKS = {18: 2, 34: 3, 50: 3, 101: 3}  # blocks in the res5 stage, as in torchvision's layer4
 
-# Paper schedules per task (MoCo's detection configs, batch 16): VOC07+12 24k, COCO 1x.
+# COCO's schedules (MoCo's detection configs, batch 16): length and lr steps; the only place they are defined.
+COCO_SCHEDULES = {"1x": dict(max_iter=90_000, steps=(60_000, 80_000)),
+                  "2x": dict(max_iter=180_000, steps=(120_000, 160_000))}
+# Paper schedules per task (batch 16): VOC07+12 24k, COCO 1x (2x: `schedule="2x"` in build_c4_cfg).
 SCHEDULES = {
     "voc": dict(max_iter=24_000, steps=(18_000, 22_000), warmup_iters=100,
                 min_size_train=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)),
-    "coco": dict(max_iter=90_000, steps=(60_000, 80_000), warmup_iters=1000,
-                 min_size_train=(640, 672, 704, 736, 768, 800)),
+    "coco": dict(**COCO_SCHEDULES["1x"], warmup_iters=1000, min_size_train=(640, 672, 704, 736, 768, 800)),
 }
 
 
@@ -58,6 +60,7 @@ def build_c4_cfg(
     num_classes: int,
     *,
     max_iter: int | None = None,
+    schedule: str | None = None,
     steps: tuple[int, ...] | None = None,
     warmup_iters: int | None = None,
     base_lr: float = 0.02,
@@ -75,13 +78,19 @@ def build_c4_cfg(
     """Faster R-CNN C4 (task "voc") or Mask R-CNN C4 (task "coco") on a torchvision-style ResNet.
 
     Defaults are the paper's (MoCo's detection configs); steps and warm-up not given follow the
-    task's paper schedule scaled to max_iter, so a short run keeps the same shape of schedule.
+    task's paper schedule scaled to max_iter, so a short run keeps the same shape of schedule. schedule: for
+    COCO, "1x" (default) or "2x", whose lr steps are scaled to max_iter.
     """
     if arch not in DEPTHS:
         raise ValueError(f"arch {arch!r} not supported, expected one of {sorted(DEPTHS)}")
     if task not in SCHEDULES:
         raise ValueError(f"task {task!r} not supported, expected one of {sorted(SCHEDULES)}")
     paper = SCHEDULES[task]
+    if schedule is not None:
+        if task != "coco" or schedule not in COCO_SCHEDULES:
+            raise ValueError(f"schedule {schedule!r} not supported for {task}: coco takes one of "
+                             f"{sorted(COCO_SCHEDULES)}")
+        paper = paper | COCO_SCHEDULES[schedule]
     max_iter = paper["max_iter"] if max_iter is None else max_iter
     scale = max_iter / paper["max_iter"]
     steps = tuple(round(s * scale) for s in paper["steps"]) if steps is None else steps

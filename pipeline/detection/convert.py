@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
 from pipeline.checkpoint import atomic_write
+from pipeline.compat import detectron2 as d2
 
 MOCO_PREFIX = "module.encoder_q."  # query encoder in an official MoCo checkpoint (DDP-wrapped)
 D2_META = {"__author__": "MOCO", "matching_heuristics": True}  # match names by suffix when loading
@@ -67,9 +67,7 @@ def verify_conversion(d2_weights: dict[str, torch.Tensor], cfg: CfgNode) -> None
     checkpointer, and raise ValueError unless every backbone and res5 tensor was filled by exactly one
     converted tensor of the right shape (the head's extra norm is new and not counted)."""
     model = build_model(cfg)
-    checkpoint = {"model": dict(d2_weights), **D2_META}
-    # _load_model is the checkpointer's documented hook that returns the incompatible-keys report
-    report = DetectionCheckpointer(model)._load_model(checkpoint)
+    report = d2.load_report(model, {"model": dict(d2_weights), **D2_META})
     pretrained = [k for k in model.state_dict() if k.startswith(("backbone.", "roi_heads.res5."))
                   and not k.startswith("roi_heads.res5.norm.")]
     missing = sorted(set(pretrained) & set(report.missing_keys))

@@ -14,40 +14,35 @@ import logging
 import shutil
 import statistics
 import time
-import weakref
 from pathlib import Path
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 from detectron2.utils.logger import setup_logger
-from torch.nn.parallel import DistributedDataParallel
+from fvcore.nn.precise_bn import get_bn_modules
 
 from pipeline.checkpoint import params_hash
 from pipeline.cli import write_json
+from pipeline.compat import detectron2 as d2
 from pipeline.config import CocoParams, DetectionRunParams, Params, VocParams
 from pipeline.detection.c4 import build_c4_cfg
 from pipeline.detection.datasets import check_coco, check_voc, register_coco, register_voc, voc_classes
 from pipeline.launch import PreemptionFlag, init_distributed
 
-COCO_STEPS = {"1x": (60_000, 80_000), "2x": (120_000, 160_000)}  # of 90k and 180k iterations
-COCO_LENGTH = {"1x": 90_000, "2x": 180_000}
 METRICS = ("AP", "AP50", "AP75")
 
 
 def detection_cfg(arch: str, task: str, num_classes: int, run: DetectionRunParams, *, train: list[str], test: str,
                   weights: str, output_dir: Path, seed: int, num_workers: int, device: str) -> CfgNode:
     """The MoCo C4 config for `task` ("voc" | "coco") with the schedule and sizes of `run`."""
-    steps = None
-    if isinstance(run, CocoParams):  # the 1x / 2x shape, scaled to max_iter
-        steps = tuple(round(s * run.max_iter / COCO_LENGTH[run.schedule]) for s in COCO_STEPS[run.schedule])
     cfg = build_c4_cfg(
-        arch, task, num_classes, max_iter=run.max_iter, steps=steps, base_lr=run.base_lr,
+        arch, task, num_classes, max_iter=run.max_iter, schedule=run.schedule if isinstance(run, CocoParams) else None,
+        base_lr=run.base_lr,
         ims_per_batch=run.ims_per_batch, min_size_train=tuple(run.min_size_train),
         max_size_train=run.max_size_train, min_size_test=run.min_size_test, max_size_test=run.max_size_test,
         roi_batch_size=run.roi_batch_size, test_topk=run.test_topk, precise_bn_iters=run.precise_bn_iters,
@@ -64,25 +59,14 @@ def detection_cfg(arch: str, task: str, num_classes: int, run: DetectionRunParam
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer whose model is wrapped in DDP on CPU too, with VOC/COCO evaluators and a
-    checkpoint-and-requeue hook for SLURM preemption."""
+    """DefaultTrainer whose model is wrapped in DDP on CPU too, with VOC/COCO evaluators, a plain progress log
+    and a checkpoint-and-requeue hook for SLURM preemption. `eval_results` holds the final evaluation."""
 
     def __init__(self, cfg: CfgNode):
         # DefaultTrainer.__init__ wraps DDP with device_ids=[local rank], which torch refuses for a CPU model
-        TrainerBase.__init__(self)
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        if comm.get_world_size() > 1:
-            device_ids = [comm.get_local_rank()] if cfg.MODEL.DEVICE.startswith("cuda") else None
-            model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-        self._trainer = SimpleTrainer(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
+        d2.init_trainer(self, cfg)
         self.preemption = PreemptionFlag()
+        self.eval_results: dict | None = None
         self.register_hooks(self.build_hooks())
 
     @classmethod
@@ -96,12 +80,28 @@ class Trainer(DefaultTrainer):
         return [CommonMetricPrinter(self.max_iter), JSONWriter(str(Path(self.cfg.OUTPUT_DIR) / "metrics.json"))]
 
     def build_hooks(self) -> list:
-        out = super().build_hooks()
-        for h in out:
-            if isinstance(h, hooks.PeriodicWriter):
-                h._period = max(1, min(20, self.max_iter // 10))  # about ten progress lines per run
+        """DefaultTrainer's hooks, built with their public constructors: timer, lr schedule, precise BN,
+        checkpoints (rank 0), the final evaluation kept in `eval_results`, about ten progress lines per run;
+        plus the step timer and the preemption hook."""
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # as detectron2: the precise-BN loader need not be fast
         self.step_timer = _StepTimer()
-        return [self.step_timer, *out[:-1], _CheckpointOnPreemption(), out[-1]]
+        out = [self.step_timer, hooks.IterationTimer(), hooks.LRScheduler()]
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            out.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),
+                                       cfg.TEST.PRECISE_BN.NUM_ITER))
+        if comm.is_main_process():
+            out.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+
+        def evaluate() -> dict:
+            self.eval_results = self.test(self.cfg, self.model)
+            return self.eval_results
+
+        out += [hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate), _CheckpointOnPreemption()]
+        if comm.is_main_process():
+            out.append(hooks.PeriodicWriter(self.build_writers(), period=max(1, min(20, self.max_iter // 10))))
+        return out
 
 
 class _StepTimer(HookBase):
@@ -166,8 +166,8 @@ def finetune(p: Params, task: str, weights: Path, out_dir: Path, identity: str =
 
     Runs in each process of the job; rank 0's return value is the stage's metrics."""
     rank, world, device = init_distributed()
-    if world > 1 and comm._LOCAL_PROCESS_GROUP is None:  # detectron2's launch() would have made it
-        comm.create_local_process_group(p.launch.tasks_per_node)
+    if world > 1:  # detectron2's launch() would have made the per-node group
+        d2.ensure_local_process_group(p.launch.tasks_per_node)
     setup_logger(name="detectron2", distributed_rank=rank)
     run: DetectionRunParams = getattr(p.detection, task)
     train, test, num_classes = _register(p, task)
@@ -195,7 +195,7 @@ def _train_trial(cfg: CfgNode, trial: int, trials: int) -> dict:
           + f" of {cfg.SOLVER.MAX_ITER}, output {cfg.OUTPUT_DIR}", flush=True)
     t0 = time.time()
     trainer.train()
-    results = getattr(trainer, "_last_eval_results", None)  # what DefaultTrainer.train returns in verify mode
+    results = trainer.eval_results
     wall = time.time() - t0
     train_s, steps = trainer.step_timer.seconds, trainer.step_timer.steps
     out = {kind: {m: float(r[m]) for m in METRICS} for kind, r in (results or {}).items() if kind in ("bbox", "segm")}
