@@ -385,11 +385,9 @@ def _check_cross(p: Params) -> None:
                           f"pretrain.queue_size = {pt.queue_size} negatives: at least one must be left")
     hard = {"mochi": pt.mochi, "synco": pt.synco}.get(pt.method)
     if hard is not None and hard.n_hard > pt.queue_size - dropped:  # the synthesis would silently use fewer
-        raise ConfigError(
-            f"params: pretrain.{pt.method}.n_hard = {hard.n_hard} must be at most the {pt.queue_size - dropped} "
-            f"queue entries left after pretrain.drop_hardest = {pt.drop_hardest} of pretrain.queue_size = "
-            f"{pt.queue_size}: the hard negatives are each query's top N of them"
-        )
+        after = f" minus the {dropped} dropped (pretrain.drop_hardest = {pt.drop_hardest})" if dropped else ""
+        raise ConfigError(f"params: pretrain.{pt.method}.n_hard = {hard.n_hard} must be <= pretrain.queue_size = "
+                          f"{pt.queue_size}{after}: the hard negatives are each query's top N of the queue")
     _check_range_pair("pretrain.crop_scale", pt.crop_scale, 0.0, 1.0)
     _check_range_pair("pretrain.blur_sigma", pt.blur_sigma, 0.0, 100.0)
     toy = p.detection.toy

@@ -125,7 +125,7 @@ def test_a_top_level_that_is_not_a_mapping_is_one_line(tmp_path, text, kind):
     with pytest.raises(ConfigError) as e:
         load_params(path)
     assert str(e.value) == (f"params: {path}: the top level must be a mapping of sections (data, toy, model, "
-                            f"pretrain, lineval, knn, detection, launch), got {kind}")
+                            f"pretrain, lineval, knn, semisup, detection, launch), got {kind}")
 
 
 @pytest.mark.parametrize("overrides, message", [
