@@ -82,3 +82,7 @@ def run_stage(name: str, main: Callable[[Params], None], params_path: str = "par
     except (ConfigError, OSError, ValueError, FloatingPointError, JobFailed) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line; the stage's own message says where it resumes
+        print(f"{name}: interrupted; {e or '`dvc repro` runs the stage again (what it saved, it resumes from)'}",
+              file=sys.stderr)
+        sys.exit(130)

@@ -87,7 +87,7 @@ class PretrainParams:
     tau_plus: float = _f(0.1, min=0, max_exclusive=1)  # DCL/HCL class prior (~1/C)
     beta: float = _f(1.0, min=0)  # HCL concentration
     drop_hardest: float = _f(0.0, min=0, max_exclusive=1)  # fraction of each query's queue presumed false negatives
-    hard_start_epoch: int = _f(3, min=1)  # first epoch (from 1) with synthetic negatives (papers: 11 / 16, after 10 / 15)
+    hard_start_epoch: int = _f(3, min=1)  # first epoch (from 1) with synthetic negatives (papers: 11 / 16)
     mochi: MochiParams = field(default_factory=MochiParams)
     synco: SyncoParams = field(default_factory=SyncoParams)
     epochs: int = _f(20, min=1)

@@ -1,6 +1,8 @@
 """The real stages under the real DVC on tiny data: repro, metrics, selective re-runs, resume after a kill."""
 
+import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -130,3 +132,70 @@ def test_killed_pretraining_resumes_from_the_saved_step(project):
         f.write("\n# edited\n")
     out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
     assert "belongs to other params, code or data; starting from scratch" in out and "resuming" not in out
+
+
+def _curves(path) -> dict:
+    """Every dvclive TSV of pretraining as {file: [(step, value), ...]} (timestamps dropped), and the analysis
+    tables as text: what the plots show."""
+    out = {}
+    for tsv in sorted((path / "dvclive/pretrain/plots/metrics").rglob("*.tsv")):
+        with tsv.open(newline="") as f:
+            out[tsv.name] = [(r["step"], r[tsv.stem]) for r in csv.DictReader(f, delimiter="\t")]
+    for table in sorted((path / "analysis/pretrain").glob("*.csv")):
+        out[table.name] = table.read_text()
+    return out
+
+
+def test_ctrl_c_stops_with_one_line_and_the_resumed_curves_equal_an_uninterrupted_run(project):
+    path, set_params = project
+    set_params({"pretrain": {"epochs": 4, "analysis_every": 2}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    run([sys.executable, "-m", "stages.pretrain"], path)
+    straight = _curves(path)
+    straight_weights = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["model"]
+    assert [s for s, _ in straight["loss.tsv"]] == ["0", "1", "2", "3"]  # dvclive step = epoch - 1
+    assert [s for s, _ in straight["alignment.tsv"]] == ["1", "3"]  # analyses after epochs 2 and 4
+    for folder in ("checkpoints/pretrain", "dvclive/pretrain", "analysis/pretrain", "models/pretrain"):
+        shutil.rmtree(path / folder)
+
+    env = dict(os.environ, PYTHONPATH=str(path))
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # the event: the first epoch is logged and checkpointed (the second has begun)
+        if line.startswith("pretrain: epoch 1/4 loss"):
+            break
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = [line for line in err.splitlines() if line.startswith("pretrain:")]
+    assert len(last) == 1 and last[0].startswith("pretrain: interrupted; saved epoch "), err
+    saved = torch.load(path / "checkpoints/pretrain/last.pt", weights_only=True)
+    assert f"saved epoch {saved['epoch'] + 1} batch {saved['batch']} (step {saved['step']})" in last[0]
+    assert "checkpoints/pretrain/last.pt; `dvc repro` resumes there" in last[0]
+    assert 1 <= saved["epoch"] < 4, "the Ctrl-C came too late to test a resume"
+
+    out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    state = path / "checkpoints/pretrain/last.pt"
+    assert f"resuming {state} at epoch {saved['epoch'] + 1} batch {saved['batch']}" in out
+    assert _curves(path) == straight  # curves, not only weights, as if never interrupted
+    resumed = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], straight_weights[k]) for k in straight_weights)
+
+
+def test_rows_logged_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    """Killed between logging an epoch and checkpointing it: that epoch is trained and logged again, once."""
+    from pipeline.train.pretrain import trim_curves
+
+    live, analysis = tmp_path / "dvclive", tmp_path / "analysis"
+    (live / "plots/metrics/train").mkdir(parents=True)
+    analysis.mkdir()
+    tsv = live / "plots/metrics/train/loss.tsv"
+    tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{100 + s}\t{s}\t{1.0 / (s + 1)}\n" for s in range(3)))
+    table = analysis / "hardness.csv"
+    table.write_text("rank,probability,epoch\n1,0.5,2\n2,0.25,2\n1,0.5,3\n")
+    trim_curves(live, analysis, epochs_done=2)  # the checkpoint holds 2 finished epochs: steps 0, 1
+    assert tsv.read_text() == "timestamp\tstep\tloss\n100\t0\t1.0\n101\t1\t0.5\n"
+    assert table.read_text() == "rank,probability,epoch\n1,0.5,2\n2,0.25,2\n"
+    trim_curves(live, analysis, epochs_done=2)
+    assert tsv.read_text().count("\n") == 3  # nothing more to drop
