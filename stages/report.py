@@ -1,26 +1,37 @@
-"""DVC stage report: the run's metrics/*.json, dvclive curves and analysis tables -> reports/results.md and
-reports/figures/*.png (the table next to the published numbers, run details, figures)."""
+"""DVC stage report: the run's metrics/*.json (with their run records metrics/*.run.json), dvclive curves and
+analysis tables -> reports/results.md and reports/figures/*.png (the table next to the published numbers, run
+details, figures). Metrics computed with other params than this run's (an experiment that ran only some
+stages) are marked stale in the report, never shown as this run's."""
 
 import json
 import shutil
 from pathlib import Path
 
 from pipeline.checkpoint import atomic_write
-from pipeline.cli import run_stage
+from pipeline.cli import run_record_path, run_stage
 from pipeline.config import Params
+from pipeline.freshness import is_fresh
 from pipeline.report import results_markdown, write_figures
 
 METRICS = ("pretrain", "lineval", "knn", "voc", "coco")
 
 
 def main(p: Params) -> None:
-    metrics = {name: json.loads(Path(f"metrics/{name}.json").read_text()) for name in METRICS}
+    metrics, stale = {}, []
+    for name in METRICS:
+        path = Path(f"metrics/{name}.json")
+        numbers = json.loads(path.read_text())
+        record = run_record_path(path)
+        metrics[name] = numbers | (json.loads(record.read_text()) if record.is_file() else {})
+        if not is_fresh(numbers, path, p):
+            stale.append(name)
     figures_dir = Path("reports/figures")
     shutil.rmtree(figures_dir, ignore_errors=True)  # no figure of an earlier run survives a skipped input
     figures = write_figures(Path.cwd(), figures_dir)
-    text = results_markdown(p, metrics, figures)
+    text = results_markdown(p, metrics, figures, stale=stale)
     atomic_write("reports/results.md", lambda f: f.write(text.encode()))
-    print(f"report: reports/results.md with {len(figures)} figure(s) in {figures_dir}")
+    print(f"report: reports/results.md with {len(figures)} figure(s) in {figures_dir}"
+          + (f"; stale (other params): {', '.join(stale)}" if stale else ""))
 
 
 if __name__ == "__main__":

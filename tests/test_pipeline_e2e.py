@@ -29,10 +29,13 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] == 2 * (3 * 16 // 8)  # 2 epochs of 6 full batches
     shown = run(["dvc", "metrics", "show", "--json"], path).stdout
-    assert "top1" in shown
+    assert "top1" in shown and "provenance" not in shown and "gpu_hours" not in shown and "versions" not in shown
     head = run(["git", "rev-parse", "HEAD"], path).stdout.strip()
-    for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):  # what produced each output
-        prov = json.loads((path / "metrics" / f"{name}.json").read_text())["provenance"]
+    for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):  # what produced each output, beside it
+        metrics = json.loads((path / "metrics" / f"{name}.json").read_text())
+        assert not {"provenance", "job"} & set(metrics) and len(metrics["params_hash"]) == 16, name
+        assert not [k for k, v in metrics.items() if isinstance(v, str) and k != "params_hash"], name
+        prov = json.loads((path / "metrics" / f"{name}.run.json").read_text())["provenance"]
         assert prov["git_commit"] == head and prov["world_size"] == 1 and len(prov["params_hash"]) == 16, name
         assert prov["versions"]["torch"].startswith("2.") and prov["versions"]["ffcv"] != "not installed", name
     assert torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["provenance"]["seed"] == 0
@@ -199,3 +202,52 @@ def test_rows_logged_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert table.read_text() == "rank,probability,epoch\n1,0.5,2\n2,0.25,2\n"
     trim_curves(live, analysis, epochs_done=2)
     assert tsv.read_text().count("\n") == 3  # nothing more to drop
+
+
+def _baseline_files(path) -> dict:
+    """What a failed experiment must not touch: params.yaml, the metrics and their records, the weights."""
+    files = [path / "params.yaml", path / "models/pretrain/checkpoint.pt", *sorted((path / "metrics").glob("*.json"))]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def test_experiments_never_lose_the_baseline_and_stale_numbers_are_named(project):
+    path, set_params = project
+    run(["dvc", "repro", "knn", "lineval"], path)  # the baseline
+    run(["git", "add", "-A"], path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "baseline"], path)
+    baseline = _baseline_files(path)
+    assert {"pretrain.json", "pretrain.run.json", "knn.json", "lineval.json"} <= set(baseline)
+
+    # the documented default: dvc exp run --temp. A bad value fails in the validate stage with one line; the
+    # workspace (params.yaml included) is exactly as it was
+    bad = run(["dvc", "exp", "run", "--temp", "-S", "pretrain.queue_size=-5"], path, check=False)
+    assert bad.returncode != 0
+    assert "validate: error: params: pretrain.queue_size = -5 must be >= 1" in bad.stdout + bad.stderr
+    assert "Running stage 'pretrain'" not in bad.stdout
+    assert _baseline_files(path) == baseline
+    assert run(["git", "status", "--porcelain"], path).stdout == ""
+
+    # a plain dvc exp run in the workspace: validate fails before DVC removes another stage's outputs
+    bad = run(["dvc", "exp", "run", "-S", "pretrain.queue_size=-5"], path, check=False)
+    assert bad.returncode != 0 and "Running stage 'pretrain'" not in bad.stdout
+    after = _baseline_files(path)
+    assert {k: v for k, v in after.items() if k != "params.yaml"} == {
+        k: v for k, v in baseline.items() if k != "params.yaml"}
+    run(["git", "checkout", "params.yaml"], path)  # the README's way back: params, then validate alone re-runs
+    out = run(["dvc", "repro", "knn", "lineval"], path).stdout
+    assert "Running stage 'validate'" in out and "Running stage 'pretrain'" not in out, out
+    assert _baseline_files(path) == baseline
+
+    # a successful experiment: recorded, workspace untouched; its metrics columns are metrics
+    run(["dvc", "exp", "run", "--temp", "-n", "k3", "-S", "knn.k=3", "knn"], path)
+    assert _baseline_files(path) == baseline
+    shown = run(["dvc", "exp", "show", "--csv"], path).stdout
+    header = shown.splitlines()[0]
+    assert "k3" in shown and "top1" in header and "provenance" not in header and "git_commit" not in header
+
+    # an experiment that changes pretraining but runs up to knn only: lineval's numbers are the baseline's,
+    # and the freshness check says so
+    run(["dvc", "exp", "run", "-S", "pretrain.lr=0.06", "knn"], path)
+    out = run([sys.executable, "-m", "pipeline.freshness"], path).stdout
+    assert "metrics/knn.json: fresh" in out and "metrics/pretrain.json: fresh" in out
+    assert "metrics/lineval.json: STALE" in out
