@@ -8,7 +8,7 @@ and do bf16 + channels_last agree with fp32? At most ~4 minutes on one GPU; synt
 Sections (one table at the end, then RESULT {json}):
 - pretrain: pipeline/train/step.train_step itself, ResNet-50 at 224 px with the in1k preset's shapes (batch 32
   per GPU as 8 x 32 = 256, K 65536, m 0.999, T 0.2, MLP head, plain BN as under DDP), MoCo v2 and MoCHi
-  (1024, 1024, 512) from the first step (hard_start_epoch 0); fp32 vs bf16 autocast + channels_last from the
+  (1024, 1024, 512) from the first step (hard_start_epoch 1); fp32 vs bf16 autocast + channels_last from the
   same weights, queue and batches: images/s, peak memory, and the first step's loss in both (they should
   agree to ~1e-2 relative: the similarities and loss are fp32 in both, only the encoders differ).
 - features: linear-eval / kNN feature extraction (frozen ResNet-50, eval mode, batch 256, 224 px) in
@@ -190,7 +190,7 @@ def main() -> None:
             224, 256, 8)
         p.pretrain = replace(p.pretrain, res=224, batch_size=32, queue_size=65536, key_momentum=0.999, bn_splits=1)
         p.pretrain.mochi = replace(p.pretrain.mochi, n_hard=1024, s=1024, s_prime=512)
-    p.pretrain = replace(p.pretrain, hard_start_epoch=0)
+    p.pretrain = replace(p.pretrain, hard_start_epoch=1)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"gpu_smoke on {where}, torch {torch.__version__}; {p.model.arch}, pretrain {p.pretrain.res} px batch "
           f"{p.pretrain.batch_size} K {p.pretrain.queue_size}", flush=True)

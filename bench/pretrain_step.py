@@ -75,7 +75,7 @@ def run(p: Params, loader: TwoViewLoader, device: torch.device, amp: bool, chann
     setup = step.StepSetup(device, amp, memory_format)
     state = step.new_state(p, step.build_model(p), setup)
     state.model.train()
-    state.epoch = p.pretrain.hard_start_epoch  # synthetic negatives on, as after the warm-up epochs of a run
+    state.epoch = p.pretrain.hard_start_epoch - 1  # epochs finished: synthetic negatives on, as after the warm-up
     clock = PhaseClock(PHASES, device)
     batches = endless(loader)
     model_forward = lapped(state.model.forward, clock, "copy", "forward")  # the copy happens just before it

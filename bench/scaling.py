@@ -49,7 +49,7 @@ def train_epoch(rank: int, world: int, init: str, beton: str, opts: dict, out: s
     state = new_state(p, build_model(p), setup)
     if world > 1:
         setup = StepSetup(torch.device("cpu"), rank=rank, world=world, net=DistributedDataParallel(state.model))
-    state.epoch = pt.hard_start_epoch  # synthetic negatives on, as after the warm-up epochs of a run
+    state.epoch = pt.hard_start_epoch - 1  # epochs finished: synthetic negatives on, as after the warm-up
     aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
     # ffcv also sets torch's threads to this count at every epoch start: the ranks split the cores
     threads = max(1, opts["workers"] // world)

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.checkpoint import atomic_write, files_digest, params_hash
 from pipeline.compat import CompatError
 from pipeline.config import ConfigError, Params, load_params, read_yaml_mapping
+from pipeline.freshness import stage_of, stage_params_hash
 from pipeline.launch import JobFailed
 
 PACKAGES = ("torch", "torchvision", "ffcv", "sal-detectron2", "dvc", "submitit")
@@ -132,9 +133,20 @@ def stage_identity(stage: str, p: Params, section: dict) -> str:
     return params_hash(section | {"deps": files_digest(stage_deps(stage, p))})
 
 
+def run_record_path(metrics_path: str | Path) -> Path:
+    """The sibling of metrics/<name>.json that holds what is not a metric: metrics/<name>.run.json."""
+    return Path(metrics_path).with_suffix(".run.json")
+
+
 def write_metrics(path: str | Path, metrics: dict, p: Params, seed: int | None, job: dict | None = None) -> None:
-    """A stage's metrics file: its numbers, the job that computed them, and their provenance."""
-    write_json(path, metrics | ({"job": job} if job else {}) | {"provenance": provenance(p, seed)})
+    """Split a stage's results so that `dvc metrics diff` shows only what changed in results: the metrics file
+    keeps the numbers and the hash of the params they depend on (pipeline/freshness.py); its text values
+    (method, init, checkpoint...), the job and the provenance go to the run record beside it (run_record_path),
+    an output DVC tracks but does not read as metrics. The record is written first."""
+    text = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    write_json(run_record_path(path), text | ({"job": job} if job else {}) | {"provenance": provenance(p, seed)})
+    numbers = {k: v for k, v in metrics.items() if k not in text}
+    write_json(path, numbers | {"params_hash": stage_params_hash(stage_of(path), p)})
 
 
 def run_stage(name: str, main: Callable[[Params], None], params_path: str = "params.yaml") -> None:
@@ -146,3 +158,7 @@ def run_stage(name: str, main: Callable[[Params], None], params_path: str = "par
     except (ConfigError, OSError, ValueError, FloatingPointError, JobFailed, CompatError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line; the stage's own message says where it resumes
+        print(f"{name}: interrupted; {e or '`dvc repro` runs the stage again (what it saved, it resumes from)'}",
+              file=sys.stderr)
+        sys.exit(130)

@@ -89,7 +89,7 @@ class PretrainParams:
     tau_plus: float = _f(0.1, min=0, max_exclusive=1)  # DCL/HCL class prior (~1/C)
     beta: float = _f(1.0, min=0)  # HCL concentration
     drop_hardest: float = _f(0.0, min=0, max_exclusive=1)  # fraction of each query's queue presumed false negatives
-    hard_start_epoch: int = _f(2, min=0)  # synthetic negatives from this epoch on (papers: 10 on IN-100, 15 on IN-1k)
+    hard_start_epoch: int = _f(3, min=1)  # first epoch (from 1) with synthetic negatives (papers: 11 / 16)
     mochi: MochiParams = field(default_factory=MochiParams)
     synco: SyncoParams = field(default_factory=SyncoParams)
     epochs: int = _f(20, min=1)
@@ -369,9 +369,9 @@ def _check_cross(p: Params) -> None:
         raise ConfigError(
             f"params: pretrain.batch_size = {pt.batch_size} must be divisible by pretrain.bn_splits = {pt.bn_splits}"
         )
-    if pt.method != "moco" and pt.hard_start_epoch >= pt.epochs:
+    if pt.method != "moco" and pt.hard_start_epoch > pt.epochs:
         raise ConfigError(
-            f"params: pretrain.hard_start_epoch = {pt.hard_start_epoch} must be < pretrain.epochs = {pt.epochs}, "
+            f"params: pretrain.hard_start_epoch = {pt.hard_start_epoch} must be <= pretrain.epochs = {pt.epochs}, "
             f"else pretrain.method = {pt.method} never synthesizes a negative"
         )
     counts = pt.synco.counts

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,32 @@ class PreemptionFlag:
             self._submitit_handler(self.signum or signal.SIGUSR2, None)
         while True:  # non-zero ranks: SLURM ends the step when the job is requeued
             time.sleep(1)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the work in progress was saved; the message says where a re-run resumes."""
+
+
+class InterruptFlag:
+    """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks between steps, so that it can save
+    a checkpoint and stop with one line rather than a traceback; a second Ctrl-C stops at once. Only in an
+    interactive run's main thread: a SLURM job never gets the terminal's SIGINT."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+        if "SLURM_JOB_ID" not in os.environ and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt now
+
+    def close(self) -> None:
+        """Give SIGINT back to the handler it had before."""
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 class _Task(submitit.helpers.Checkpointable):

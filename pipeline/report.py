@@ -93,18 +93,22 @@ def semisup_cell(semisup: dict | None) -> str:
 
 
 def results_table(p: Params, pretrain: dict, lineval: dict, knn: dict, voc: dict, coco: dict,
-                  semisup: dict | None = None) -> str:
+                  semisup: dict | None = None, stale: tuple = ()) -> str:
     """Markdown table in the shape of the MoCHi paper's: this run first, then the published rows.
 
-    Detection cells carry mean ± std over trials when there was more than one (the papers' VOC protocol)."""
+    Detection cells carry mean ± std over trials when there was more than one (the papers' VOC protocol).
+    A cell from a stage in `stale` (metrics computed with other params) is struck through and marked."""
     voc_std, coco_std = len(voc["trials"]) > 1, len(coco["trials"]) > 1
     voc_cell = " / ".join(_ap(voc["bbox"], k, voc_std) for k in ("AP50", "AP", "AP75"))
     coco_cell = " / ".join(_ap(coco[kind], "AP", coco_std) for kind in ("bbox", "segm"))
     voc_cell += " (random init)" if voc["init"] == "random" else ""
     coco_cell += " (random init)" if coco["init"] == "random" else ""
-    ours = (f"**{method_label(p)}** (this run)", f"R-{p.model.arch.removeprefix('resnet')}", pretrain["epochs"],
-            f"{lineval['top1_best']:.1f} ({lineval['top1']:.1f} last)",
-            f"{knn['top1']:.1f} ({knn['random_init_top1']:.1f})", voc_cell, coco_cell, semisup_cell(semisup), "")
+    cells = {"pretrain": pretrain["epochs"], "lineval": f"{lineval['top1_best']:.1f} ({lineval['top1']:.1f} last)",
+             "knn": f"{knn['top1']:.1f} ({knn['random_init_top1']:.1f})", "voc": voc_cell, "coco": coco_cell,
+             "semisup": semisup_cell(semisup)}
+    cells = {k: f"~~{v}~~ stale" if k in stale and v != "" else v for k, v in cells.items()}
+    ours = (f"**{method_label(p)}** (this run)", f"R-{p.model.arch.removeprefix('resnet')}", cells["pretrain"],
+            cells["lineval"], cells["knn"], cells["voc"], cells["coco"], cells["semisup"], "")
     published = [(f"{method} [{ref}] †", "R-50", epochs, linear, "", voc_pub, coco_pub,
                   PUBLISHED_SEMISUP.get(method, ""), gain)
                  for method, epochs, linear, voc_pub, coco_pub, ref, gain in PUBLISHED]
@@ -239,16 +243,22 @@ def hyperparameter_table(p: Params, pretrain: dict) -> str:
                       *(_row((f"**{group}**" if group else "", name, value)) for group, name, value in rows)]) + "\n"
 
 
-def results_markdown(p: Params, metrics: dict[str, dict], figures: dict[str, str]) -> str:
+def results_markdown(p: Params, metrics: dict[str, dict], figures: dict[str, str], stale: list | tuple = ()) -> str:
     """reports/results.md: title, provenance, the table, run details and the embedded figures.
 
-    metrics: the contents of metrics/{pretrain,lineval,knn,voc,coco}.json by stage name; figures: the
-    {file stem: caption} that write_figures returned."""
+    metrics: the contents of metrics/{pretrain,lineval,knn,voc,coco}.json, each with its run record
+    (metrics/<name>.run.json), by stage name; figures: the {file stem: caption} that write_figures returned;
+    stale: the names whose metrics were computed with other params than `p` (marked, never passed off as
+    this run's)."""
     pre, lin, kn, voc, coco = (metrics[k] for k in ("pretrain", "lineval", "knn", "voc", "coco"))
     jobs = {name: m["job"] for name, m in metrics.items() if "job" in m}
     lines = [f"# Results: {method_label(p)} ({p.model.arch}, {pre['epochs']} epochs)", ""]
+    if stale:
+        lines += [f"**Stale:** {', '.join(f'metrics/{name}.json' for name in stale)} were computed with other params "
+                  "than this run's (an experiment that did not run those stages): struck through in the table; "
+                  "`dvc repro` recomputes them.", ""]
     lines += [
-        results_table(p, pre, lin, kn, voc, coco, metrics.get("semisup")),
+        results_table(p, pre, lin, kn, voc, coco, metrics.get("semisup"), tuple(stale)),
         "† Published numbers for ResNet-50 pretrained on ImageNet-1k [1-3]; other backbone, data and schedule, so "
         "not comparable in absolute terms with this run. " + error_bars_note(p, voc, coco),
         "‡ Semi-supervised (SimCLR's 1% / 10% ImageNet lists, whole network fine-tuned): SynCo's top-1 as listed for "

@@ -118,7 +118,7 @@ def test_synthetic_sources_name_each_type_with_the_negatives_it_mixes():
 
 
 def test_pretraining_on_imagenet_ids_writes_wordnet_and_synthetic_source_analyses(betons, tmp_path: Path):
-    p, (out, state, live, _) = tiny_pretrain(tmp_path, method="mochi", hard_start_epoch=0)
+    p, (out, state, live, _) = tiny_pretrain(tmp_path, method="mochi", hard_start_epoch=1)
     analysis = tmp_path / "analysis/pretrain"  # where write_figures looks
     metrics = pretrain(p, *betons, out, state, live, analysis, class_names=[DOG, CAT, TENCH])  # ant, bee, cat
     assert 0 < metrics["wup_top10"] < 1 and 0 <= metrics["synthetic_from_false_negatives"] <= 1

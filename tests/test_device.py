@@ -50,7 +50,7 @@ def _loader(p, beton, **kw) -> Prefetched:
 
 @pytest.mark.parametrize("options", METHODS, ids=lambda o: "+".join(map(str, o.values())))
 def test_train_step_forward_and_enqueue_run_on_the_device(betons, tmp_path, options):
-    p, _ = tiny_pretrain(tmp_path, hard_start_epoch=0, **options)
+    p, _ = tiny_pretrain(tmp_path, hard_start_epoch=1, **options)
     p.pretrain.mochi = replace(p.pretrain.mochi, n_hard=4, s=2, s_prime=2)
     p.pretrain.synco = replace(p.pretrain.synco, n_hard=4)
     loader = _loader(p, betons[0])
@@ -67,7 +67,7 @@ def test_train_step_forward_and_enqueue_run_on_the_device(betons, tmp_path, opti
 
 
 def test_analysis_pass_runs_on_the_device(betons, tmp_path):
-    p, _ = tiny_pretrain(tmp_path, method="synco", hard_start_epoch=0)
+    p, _ = tiny_pretrain(tmp_path, method="synco", hard_start_epoch=1)
     p.pretrain.synco = replace(p.pretrain.synco, n_hard=4)
     val = _loader(p, betons[1], drop_last=False)
     model = build_model(p)
@@ -96,7 +96,7 @@ def test_lineval_and_knn_features_and_search_run_on_the_device(betons):
 def test_similarities_synthesis_and_loss_are_fp32_under_bf16_autocast(betons, tmp_path):
     """On the CPU, where autocast runs: the encoders in bf16, everything from q and k on in fp32."""
     for options in METHODS:
-        p, _ = tiny_pretrain(tmp_path, hard_start_epoch=0, **({"loss": "dcl"} | options))
+        p, _ = tiny_pretrain(tmp_path, hard_start_epoch=1, **({"loss": "dcl"} | options))
         p.pretrain.mochi = replace(p.pretrain.mochi, n_hard=4, s=2, s_prime=2)
         p.pretrain.synco = replace(p.pretrain.synco, n_hard=4)
         setup = StepSetup(torch.device("cpu"), bf16=True)

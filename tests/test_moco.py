@@ -145,7 +145,7 @@ def test_bf16_and_channels_last_pretraining_on_cpu_and_auto_means_gpu_only(beton
     assert fast_paths(PretrainParams(), cuda) == (True, torch.channels_last)
     assert fast_paths(PretrainParams(precision="fp32", memory_format="contiguous"), cuda) == (
         False, torch.contiguous_format)
-    p, (out, state, live, analysis) = tiny_pretrain(tmp_path, method="synco", hard_start_epoch=0, precision="bf16",
+    p, (out, state, live, analysis) = tiny_pretrain(tmp_path, method="synco", hard_start_epoch=1, precision="bf16",
                                                     memory_format="channels_last")
     metrics = pretrain(p, *betons, out, state, live, analysis)
     assert math.isfinite(metrics["loss"]) and metrics["steps"] == 3
@@ -165,7 +165,7 @@ def test_synthesis_mixes_only_what_drop_hardest_left():
     queue = F.normalize(torch.randn(32, 8), dim=1)
     k = F.normalize(torch.randn(4, 8), dim=1)
     out = {"q": q, "l_pos": (q * k).sum(1), "l_neg": q @ queue.T}
-    pt = PretrainParams(method="mochi", hard_start_epoch=0, drop_hardest=0.25)  # 8 of 32 dropped per query
+    pt = PretrainParams(method="mochi", hard_start_epoch=1, drop_hardest=0.25)  # 8 of 32 dropped per query
     pt.mochi.n_hard, pt.mochi.s, pt.mochi.s_prime = 8, 16, 8
     index = torch.arange(4)
     kept = drop_hardest(out["l_neg"], 0.25)  # [4, 32], the 8 hardest at -inf
@@ -173,6 +173,6 @@ def test_synthesis_mixes_only_what_drop_hardest_left():
     dropped = out["l_neg"].topk(8, dim=1).indices  # [4, 8]
     used = torch.cat([info["j"], info["i"]], dim=1)  # [4, 24 + 16] queue rows mixed into the synthetic points
     assert not (used[:, :, None] == dropped[:, None, :]).any()  # never a dropped negative
-    loss, _, _ = step_loss(out, queue, pt, epoch=0, query_index=index)
+    loss, _, _ = step_loss(out, queue, pt, epoch=1, query_index=index)
     reference = infonce(out["l_pos"], torch.cat([kept, synthetic_logits(q, h)], dim=1), 0.2)
     assert torch.allclose(loss, reference)

@@ -1,6 +1,8 @@
 """The real stages under the real DVC on tiny data: repro, metrics, selective re-runs, resume after a kill."""
 
+import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,10 +29,13 @@ def test_dvc_repro_runs_every_stage_and_only_reruns_what_changed(project):
     pretrain = json.loads((path / "metrics/pretrain.json").read_text())
     assert pretrain["steps"] == 2 * (3 * 16 // 8)  # 2 epochs of 6 full batches
     shown = run(["dvc", "metrics", "show", "--json"], path).stdout
-    assert "top1" in shown
+    assert "top1" in shown and "provenance" not in shown and "gpu_hours" not in shown and "versions" not in shown
     head = run(["git", "rev-parse", "HEAD"], path).stdout.strip()
-    for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):  # what produced each output
-        prov = json.loads((path / "metrics" / f"{name}.json").read_text())["provenance"]
+    for name in ("ffcv", "pretrain", "lineval", "knn", "voc", "coco"):  # what produced each output, beside it
+        metrics = json.loads((path / "metrics" / f"{name}.json").read_text())
+        assert not {"provenance", "job"} & set(metrics) and len(metrics["params_hash"]) == 16, name
+        assert not [k for k, v in metrics.items() if isinstance(v, str) and k != "params_hash"], name
+        prov = json.loads((path / "metrics" / f"{name}.run.json").read_text())["provenance"]
         assert prov["git_commit"] == head and prov["world_size"] == 1 and len(prov["params_hash"]) == 16, name
         assert prov["versions"]["torch"].startswith("2.") and prov["versions"]["ffcv"] != "not installed", name
     assert torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["provenance"]["seed"] == 0
@@ -75,7 +80,7 @@ def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "moco baseline"], path)
     for method in ("mochi", "synco"):
         out = run(["dvc", "exp", "run", "-n", method, "-S", f"pretrain.method={method}",  # up to knn: no detection
-                   "-S", "pretrain.hard_start_epoch=1", "knn"], path).stdout
+                   "-S", "pretrain.hard_start_epoch=2", "knn"], path).stdout
         assert "Running stage 'pretrain'" in out
     shown = json.loads(run(["dvc", "exp", "show", "--json"], path).stdout)
     assert "mochi" in json.dumps(shown) and "synco" in json.dumps(shown)
@@ -149,3 +154,119 @@ def test_killed_pretraining_resumes_from_the_saved_step(project):
         f.write("\n# edited\n")
     out = pretrain_stage()
     assert "belongs to other params, code or data; starting from scratch" in out and "resuming" not in out
+
+
+def _curves(path) -> dict:
+    """Every dvclive TSV of pretraining as {file: [(step, value), ...]} (timestamps dropped), and the analysis
+    tables as text: what the plots show."""
+    out = {}
+    for tsv in sorted((path / "dvclive/pretrain/plots/metrics").rglob("*.tsv")):
+        with tsv.open(newline="") as f:
+            out[tsv.name] = [(r["step"], r[tsv.stem]) for r in csv.DictReader(f, delimiter="\t")]
+    for table in sorted((path / "analysis/pretrain").glob("*.csv")):
+        out[table.name] = table.read_text()
+    return out
+
+
+def test_ctrl_c_stops_with_one_line_and_the_resumed_curves_equal_an_uninterrupted_run(project):
+    path, set_params = project
+    set_params({"pretrain": {"epochs": 4, "analysis_every": 2}})
+    run(["dvc", "repro", "ffcv_convert"], path)
+    run([sys.executable, "-m", "stages.pretrain"], path)
+    straight = _curves(path)
+    straight_weights = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["model"]
+    assert [s for s, _ in straight["loss.tsv"]] == ["0", "1", "2", "3"]  # dvclive step = epoch - 1
+    assert [s for s, _ in straight["alignment.tsv"]] == ["1", "3"]  # analyses after epochs 2 and 4
+    for folder in ("checkpoints/pretrain", "dvclive/pretrain", "analysis/pretrain", "models/pretrain"):
+        shutil.rmtree(path / folder)
+
+    env = dict(os.environ, PYTHONPATH=str(path))
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # the event: the first epoch is logged and checkpointed (the second has begun)
+        if line.startswith("pretrain: epoch 1/4 loss"):
+            break
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = [line for line in err.splitlines() if line.startswith("pretrain:")]
+    assert len(last) == 1 and last[0].startswith("pretrain: interrupted; saved epoch "), err
+    saved = torch.load(path / "checkpoints/pretrain/last.pt", weights_only=True)
+    assert f"saved epoch {saved['epoch'] + 1} batch {saved['batch']} (step {saved['step']})" in last[0]
+    assert "checkpoints/pretrain/last.pt; `dvc repro` resumes there" in last[0]
+    assert 1 <= saved["epoch"] < 4, "the Ctrl-C came too late to test a resume"
+
+    out = run([sys.executable, "-m", "stages.pretrain"], path).stdout
+    state = path / "checkpoints/pretrain/last.pt"
+    assert f"resuming {state} at epoch {saved['epoch'] + 1} batch {saved['batch']}" in out
+    assert _curves(path) == straight  # curves, not only weights, as if never interrupted
+    resumed = torch.load(path / "models/pretrain/checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], straight_weights[k]) for k in straight_weights)
+
+
+def test_rows_logged_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    """Killed between logging an epoch and checkpointing it: that epoch is trained and logged again, once."""
+    from pipeline.train.pretrain import trim_curves
+
+    live, analysis = tmp_path / "dvclive", tmp_path / "analysis"
+    (live / "plots/metrics/train").mkdir(parents=True)
+    analysis.mkdir()
+    tsv = live / "plots/metrics/train/loss.tsv"
+    tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{100 + s}\t{s}\t{1.0 / (s + 1)}\n" for s in range(3)))
+    table = analysis / "hardness.csv"
+    table.write_text("rank,probability,epoch\n1,0.5,2\n2,0.25,2\n1,0.5,3\n")
+    trim_curves(live, analysis, epochs_done=2)  # the checkpoint holds 2 finished epochs: steps 0, 1
+    assert tsv.read_text() == "timestamp\tstep\tloss\n100\t0\t1.0\n101\t1\t0.5\n"
+    assert table.read_text() == "rank,probability,epoch\n1,0.5,2\n2,0.25,2\n"
+    trim_curves(live, analysis, epochs_done=2)
+    assert tsv.read_text().count("\n") == 3  # nothing more to drop
+
+
+def _baseline_files(path) -> dict:
+    """What a failed experiment must not touch: params.yaml, the metrics and their records, the weights."""
+    files = [path / "params.yaml", path / "models/pretrain/checkpoint.pt", *sorted((path / "metrics").glob("*.json"))]
+    return {f.name: f.read_bytes() for f in files}
+
+
+def test_experiments_never_lose_the_baseline_and_stale_numbers_are_named(project):
+    path, set_params = project
+    run(["dvc", "repro", "knn", "lineval"], path)  # the baseline
+    run(["git", "add", "-A"], path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "baseline"], path)
+    baseline = _baseline_files(path)
+    assert {"pretrain.json", "pretrain.run.json", "knn.json", "lineval.json"} <= set(baseline)
+
+    # the documented default: dvc exp run --temp. A bad value fails in the validate stage with one line; the
+    # workspace (params.yaml included) is exactly as it was
+    bad = run(["dvc", "exp", "run", "--temp", "-S", "pretrain.queue_size=-5"], path, check=False)
+    assert bad.returncode != 0
+    assert "validate: error: params: pretrain.queue_size = -5 must be >= 1" in bad.stdout + bad.stderr
+    assert "Running stage 'pretrain'" not in bad.stdout
+    assert _baseline_files(path) == baseline
+    assert run(["git", "status", "--porcelain"], path).stdout == ""
+
+    # a plain dvc exp run in the workspace: validate fails before DVC removes another stage's outputs
+    bad = run(["dvc", "exp", "run", "-S", "pretrain.queue_size=-5"], path, check=False)
+    assert bad.returncode != 0 and "Running stage 'pretrain'" not in bad.stdout
+    after = _baseline_files(path)
+    assert {k: v for k, v in after.items() if k != "params.yaml"} == {
+        k: v for k, v in baseline.items() if k != "params.yaml"}
+    run(["git", "checkout", "params.yaml"], path)  # the README's way back: params, then validate alone re-runs
+    out = run(["dvc", "repro", "knn", "lineval"], path).stdout
+    assert "Running stage 'validate'" in out and "Running stage 'pretrain'" not in out, out
+    assert _baseline_files(path) == baseline
+
+    # a successful experiment: recorded, workspace untouched; its metrics columns are metrics
+    run(["dvc", "exp", "run", "--temp", "-n", "k3", "-S", "knn.k=3", "knn"], path)
+    assert _baseline_files(path) == baseline
+    shown = run(["dvc", "exp", "show", "--csv"], path).stdout
+    header = shown.splitlines()[0]
+    assert "k3" in shown and "top1" in header and "provenance" not in header and "git_commit" not in header
+
+    # an experiment that changes pretraining but runs up to knn only: lineval's numbers are the baseline's,
+    # and the freshness check says so
+    run(["dvc", "exp", "run", "-S", "pretrain.lr=0.06", "knn"], path)
+    out = run([sys.executable, "-m", "pipeline.freshness"], path).stdout
+    assert "metrics/knn.json: fresh" in out and "metrics/pretrain.json: fresh" in out
+    assert "metrics/lineval.json: STALE" in out

@@ -7,8 +7,8 @@ detection set at data/VOCdevkit and data/coco. Only the knobs in KNOBS are overr
 iterations, batch and world size, image and crop size, ROIs per image, test proposals, precise-BN
 iterations; the test-set size is the toy detection set's); the test checks that every other value the
 presets set is in effect. Stages are called in-process (launch.executor local), in the order dvc.yaml
-runs them; pretraining runs hard_start_epoch + 1 epochs of 2 steps, so the synthetic negatives of
-MoCHi and SynCo are made in its last epoch.
+runs them; pretraining runs hard_start_epoch epochs (counted from 1) of 2 steps, so the synthetic
+negatives of MoCHi and SynCo are made in its last epoch.
 """
 
 import json
@@ -98,7 +98,7 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
         _set(raw, dotted, value)
     over = _flatten(OVERRIDES)
     method = preset.get("pretrain.method", raw["pretrain"]["method"])
-    epochs = raw["pretrain"]["hard_start_epoch"] + 1 if method != "moco" else 1  # the warm-up, then one epoch
+    epochs = raw["pretrain"]["hard_start_epoch"] if method != "moco" else 1  # the warm-up, then its first epoch
     over["pretrain.epochs"] = epochs
     for dotted, value in over.items():
         _set(raw, dotted, value)

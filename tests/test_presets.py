@@ -63,7 +63,7 @@ def test_mocov2_on_imagenet_1k_is_moco_v2(params_file):
 def test_mochi_released_models(params_file, n_hard):
     pt = apply(["in1k", f"mochi-{n_hard}-1024-512", *DETECTION], params_file).pretrain
     m = pt.mochi
-    assert (pt.method, m.n_hard, m.s, m.s_prime, pt.hard_start_epoch) == ("mochi", n_hard, 1024, 512, 15)
+    assert (pt.method, m.n_hard, m.s, m.s_prime, pt.hard_start_epoch) == ("mochi", n_hard, 1024, 512, 16)
 
 
 def test_imagenet_100_scales_batch_and_lr(params_file):
@@ -71,12 +71,12 @@ def test_imagenet_100_scales_batch_and_lr(params_file):
     global_batch = p.pretrain.batch_size * p.world_size
     assert p.world_size == 4 and global_batch == 128
     assert p.pretrain.lr * global_batch / 256 == pytest.approx(0.015)  # linear scaling of MoCo's 0.03 per 256
-    assert (p.pretrain.queue_size, p.pretrain.hard_start_epoch, p.lineval.lr) == (16384, 10, 10.0)
+    assert (p.pretrain.queue_size, p.pretrain.hard_start_epoch, p.lineval.lr) == (16384, 11, 10.0)
 
 
 def test_synco_defaults(params_file):
     s = apply(["in1k", "synco", *DETECTION], params_file).pretrain
-    assert (s.method, s.synco.n_hard, s.hard_start_epoch) == ("synco", 1024, 10)
+    assert (s.method, s.synco.n_hard, s.hard_start_epoch) == ("synco", 1024, 11)
     assert s.synco.counts == [256, 256, 256, 64, 64, 64]
     assert (s.synco.sigma, s.synco.delta, s.synco.eta) == (0.01, 0.01, 0.01)
 

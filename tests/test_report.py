@@ -142,7 +142,7 @@ def test_hyperparameter_table_reads_the_params_the_run_used():
     assert "|  | loss | HCL (tau+ = 0.01, beta = 1) |" in table
     assert "|  | shuffle BN | across 8 processes |" in table
     assert "scale 0.2-1; colour jitter (0.4, 0.4, 0.4, 0.1) p = 0.8; grayscale p = 0.2" in table
-    assert "MoCHi: N = 16, s = 16, s' = 8; from epoch 2" in hyperparameter_table(_params("mochi"), {"world_size": 1})
+    assert "MoCHi: N = 16, s = 16, s' = 8; from epoch 3" in hyperparameter_table(_params("mochi"), {"world_size": 1})
 
 
 def test_external_weights_are_named_in_the_report():

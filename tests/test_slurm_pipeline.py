@@ -55,12 +55,14 @@ def test_dvc_repro_runs_two_task_ddp_pretraining_and_evaluation_on_slurm(project
     set_params(SLURM)
     run(["dvc", "repro"], path, timeout=HANG)
     for stage in ("lineval", "knn"):  # one-task jobs through the same launcher
-        job = json.loads((path / f"metrics/{stage}.json").read_text())["job"]
+        job = json.loads((path / f"metrics/{stage}.run.json").read_text())["job"]
         assert job["executor"] == "slurm" and job["state"] == "COMPLETED", stage
     for task in ("voc", "coco"):  # detectron2 fine-tuning as 2-task DDP jobs (gloo, naiveSyncBN)
-        m = json.loads((path / f"metrics/{task}.json").read_text())
+        m = json.loads((path / f"metrics/{task}.json").read_text()) | json.loads(
+            (path / f"metrics/{task}.run.json").read_text())  # numbers, and the job beside them
         assert m["world_size"] == 2 and m["job"]["state"] == "COMPLETED" and 0 <= m["bbox"]["AP50"] <= 100, task
-    metrics = json.loads((path / "metrics/pretrain.json").read_text())
+    metrics = json.loads((path / "metrics/pretrain.json").read_text()) | json.loads(
+        (path / "metrics/pretrain.run.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["job"]["executor"] == "slurm" and metrics["job"]["state"] == "COMPLETED"
     assert metrics["job"]["job_id"] == job_id(path)
@@ -82,7 +84,8 @@ def test_preempted_job_saves_mid_epoch_and_resumes_from_that_step(project, slurm
     step = saved[0].split("(step ")[1].split(")")[0]
     resumed = [line for line in out.splitlines() if "resuming" in line]
     assert resumed and resumed[0].endswith(f"(step {step})"), out  # the requeued attempt starts at the saved step
-    metrics = json.loads((path / "metrics/pretrain.json").read_text())
+    metrics = json.loads((path / "metrics/pretrain.json").read_text()) | json.loads(
+        (path / "metrics/pretrain.run.json").read_text())
     assert metrics["steps"] == 6 * 3 and metrics["job"]["job_id"] == jid  # same job, requeued
 
 
@@ -94,7 +97,7 @@ def test_killed_dvc_repro_reattaches_to_the_running_job(project, slurm_cluster):
     out = run(["dvc", "repro", "pretrain"], path, timeout=HANG).stdout
     assert f"re-attaching to job {jid}" in out
     assert "submitted job" not in out
-    assert json.loads((path / "metrics/pretrain.json").read_text())["job"]["job_id"] == jid
+    assert json.loads((path / "metrics/pretrain.run.json").read_text())["job"]["job_id"] == jid
 
 
 def test_cancelled_job_fails_the_stage_with_id_and_state(project, slurm_cluster):

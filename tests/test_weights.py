@@ -155,7 +155,7 @@ def test_external_weights_are_a_tracked_dependency_and_pretraining_is_not_needed
     out = run(["dvc", "repro", "lineval"], path).stdout
     assert "Running stage 'lineval'" in out and "Running stage 'pretrain'" not in out, out
     assert not (path / PRETRAINED).exists()
-    assert json.loads((path / "metrics/lineval.json").read_text())["checkpoint"] == str(weights)
+    assert json.loads((path / "metrics/lineval.run.json").read_text())["checkpoint"] == str(weights)
     assert "up to date" in run(["dvc", "status", "lineval"], path).stdout.lower()
 
     torch.manual_seed(1)

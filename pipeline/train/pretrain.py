@@ -24,7 +24,7 @@ from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
-from pipeline.launch import PreemptionFlag, init_distributed
+from pipeline.launch import Interrupted, InterruptFlag, PreemptionFlag, init_distributed
 from pipeline.models.moco import MoCo
 from pipeline.train.step import EpochSums, StepSetup, TrainState, build_model, fast_paths, new_state, train_step
 
@@ -100,6 +100,28 @@ def check_sizes(loader: TwoViewLoader, pt: PretrainParams, global_batch: int, be
               "rise as training converges", flush=True)
 
 
+def _trim_rows(table: Path, sep: str, column: str, limit: int) -> None:
+    """Keep the rows of a table with a header whose `column` is below `limit` (atomically, only if any go)."""
+    header, *rows = table.read_text().splitlines(keepends=True)
+    col = header.rstrip("\n").split(sep).index(column)
+    keep = [r for r in rows if int(float(r.rstrip("\n").split(sep)[col])) < limit]
+    if len(keep) != len(rows):
+        text = "".join([header, *keep]).encode()
+        checkpoint.atomic_write(table, lambda f: f.write(text))
+
+
+def trim_curves(live_dir: Path, analysis_dir: Path, epochs_done: int) -> None:
+    """Drop what was logged after the checkpoint a run resumes from: dvclive rows at step >= epochs_done
+    (step = epoch - 1) and analysis rows of epochs > epochs_done.
+
+    Both are appended to; an epoch logged but not yet checkpointed when the run stopped is trained and
+    logged again, and without this it would appear twice."""
+    for tsv in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
+        _trim_rows(tsv, "\t", "step", epochs_done)
+    for table in sorted(analysis_dir.glob("*.csv")):
+        _trim_rows(table, ",", "epoch", epochs_done + 1)
+
+
 def save_state(state: TrainState, path: Path, extra: dict, rank: int) -> None:
     """The resumable checkpoint, a plain dict (rank 0 writes it atomically; all ranks wait for it)."""
     if rank == 0:
@@ -170,10 +192,34 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
         fill_queue(state.model, loader, device)
     if rank == 0 and fresh:
         shutil.rmtree(analysis_dir, ignore_errors=True)
+    if rank == 0 and not fresh:
+        trim_curves(live_dir, analysis_dir, state.epoch)  # keep the epochs the checkpoint holds
     live = Live(str(live_dir), resume=not fresh, save_dvc_exp=False, dvcyaml=None, report=None) if rank == 0 else None
-    preempt = PreemptionFlag()
+    preempt, interrupt = PreemptionFlag(), InterruptFlag()
+    t_start = time.time()
+    try:
+        images = _train(state, setup, p, loader, val_loader, device, wup, analysis_dir, live, state_path, extra,
+                        preempt, interrupt, fresh)
+    finally:
+        interrupt.close()
+    if rank != 0:
+        return None
+    live.end()
+    final = checkpoint.load(state_path)
+    checkpoint.save_atomic({k: v for k, v in final.items() if k not in ("optimizer", "rng", "sums")}, out_path)
+    seconds = time.time() - t_start
+    return {"method": pt.method, "epochs": pt.epochs, "steps": state.step, "world_size": world, **state.last,
+            "images_per_s": round(images / seconds, 1) if images else None, "seconds": round(seconds, 1)}
+
+
+def _train(state: TrainState, setup: StepSetup, p: Params, loader: TwoViewLoader, val_loader: TwoViewLoader | None,
+           device: torch.device, wup: Tensor | None, analysis_dir: Path, live: Live | None, state_path: Path,
+           extra: dict, preempt: PreemptionFlag, interrupt: InterruptFlag, fresh: bool) -> int:
+    """The epochs left: steps, checkpoints, and the stops a preemption or a Ctrl-C asks for. Returns the
+    number of images trained on (all ranks)."""
+    pt, rank, world = p.pretrain, setup.rank, setup.world
     base_lr = state.optimizer.defaults["lr"]  # pretrain.lr scaled to the global batch (new_state)
-    t_start, images = time.time(), 0
+    images = 0
     while state.epoch < pt.epochs:
         lr = lr_at(base_lr, state.epoch, pt.epochs, pt.schedule, pt.lr_steps)
         for group in state.optimizer.param_groups:
@@ -199,19 +245,16 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
                     print(f"pretrain: preempted; saved epoch {state.epoch + 1} batch {state.batch} "
                           f"(step {state.step}), requeueing", flush=True)
                 preempt.requeue()
+            if interrupt.set:  # Ctrl-C: keep the steps done, say where a re-run goes on
+                save_state(state, state_path, extra, rank)
+                raise Interrupted(f"saved epoch {state.epoch + 1} batch {state.batch} (step {state.step}) to "
+                                  f"{state_path}; `dvc repro` resumes there")
         end_epoch(state, lr, rank, pt, val_loader, device, wup, analysis_dir, live)
         fresh = False
         save_state(state, state_path, extra, rank)
         if rank == 0 and pt.keep_every and state.epoch % pt.keep_every == 0:  # evaluate this epoch later
             shutil.copyfile(state_path, state_path.with_name(f"epoch_{state.epoch:04d}.pt"))
-    if rank != 0:
-        return None
-    live.end()
-    final = checkpoint.load(state_path)
-    checkpoint.save_atomic({k: v for k, v in final.items() if k not in ("optimizer", "rng", "sums")}, out_path)
-    seconds = time.time() - t_start
-    return {"method": pt.method, "epochs": pt.epochs, "steps": state.step, "world_size": world, **state.last,
-            "images_per_s": round(images / seconds, 1) if images else None, "seconds": round(seconds, 1)}
+    return images
 
 
 def end_epoch(state: TrainState, lr: float, rank: int, pt: PretrainParams, val_loader: TwoViewLoader | None,
@@ -230,6 +273,7 @@ def end_epoch(state: TrainState, lr: float, rank: int, pt: PretrainParams, val_l
             a = analyze(state.model, val_loader, pt, device, wup)
             write_analysis_tables(a, epoch, analysis_dir)
             state.last |= {k: a[k] for k in ANALYSIS_CURVES if k in a}
+        live.step = state.epoch  # epoch - 1, whatever dvclive read back on resume: curves as an uninterrupted run's
         for name, value in state.last.items():
             live.log_metric(f"{'train' if name in TRAIN_CURVES else 'analysis'}/{name}", value)
         live.next_step()

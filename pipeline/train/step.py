@@ -26,6 +26,8 @@ from pipeline.models.negatives import synthetic_logits
 def step_loss(out: dict, queue: Tensor, pt: PretrainParams, epoch: int, query_index: Tensor) -> tuple:
     """The loss of one MoCo step for the configured method and loss variant, and its proxy-task hits.
 
+    `epoch` is the epoch in progress counted from 1, as in logs, file names and pretrain.hard_start_epoch.
+
     The negatives dropped as presumed false negatives (pretrain.drop_hardest) are gone for the synthesis
     too: each query mixes its top N of what is left. Returns (loss, hits_real [B] bool: k+ above every
     real negative, hits_all [B] bool: also above the synthetic ones)."""
@@ -65,7 +67,7 @@ class TrainState:
 
     model: MoCo
     optimizer: torch.optim.Optimizer
-    epoch: int = 0  # the epoch in progress, counted from 0
+    epoch: int = 0  # epochs finished (the one in progress is epoch + 1: epochs count from 1)
     batch: int = 0  # batches of it already trained
     step: int = 0  # optimizer steps since the start of the run
     sums: EpochSums = field(default_factory=EpochSums)
@@ -107,7 +109,7 @@ def forward_loss(state: TrainState, batch: TwoViewBatch, setup: StepSetup, pt: P
     query_index = (state.step * setup.world + setup.rank) * B + torch.arange(B, device=dev)  # [B] global ids
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=setup.bf16):  # similarities come out fp32
         out = (setup.net or state.model)(im_q, im_k)
-    loss, hits, hits_all = step_loss(out, state.model.queue, pt, state.epoch, query_index)  # fp32
+    loss, hits, hits_all = step_loss(out, state.model.queue, pt, state.epoch + 1, query_index)  # fp32
     figures = {"loss": loss.detach(), "hits": hits.sum(), "hits_all": hits_all.sum(), "samples": B}
     return loss, out["k"], figures
 
