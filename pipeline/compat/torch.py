@@ -12,12 +12,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch._subclasses.fake_tensor import (  # noqa: F401 (re-exported for the tests)
-    DataDependentOutputException,
-    FakeTensor,
-    FakeTensorDeviceMismatchError,
-    FakeTensorMode,
-)
+from pipeline.compat import check_version
+
+check_version("torch", ("2.14.1",))
+
+try:
+    from torch._subclasses.fake_tensor import (  # noqa: F401 (re-exported for the tests)
+        DataDependentOutputException,
+        FakeTensor,
+        FakeTensorDeviceMismatchError,
+        FakeTensorMode,
+    )
+except ImportError as e:  # a private module: it may move between releases
+    from pipeline.compat import CompatError, installed_version
+
+    raise CompatError(f"torch {installed_version('torch')} has no {e.name or 'torch._subclasses.fake_tensor'} name "
+                      f"this project's device tests rely on ({e}): update pipeline/compat/torch.py") from None
 
 
 @contextmanager
