@@ -59,7 +59,8 @@ def _epoch(loader, epoch: int) -> list[torch.Tensor]:
 def test_round_trip_equals_sources_up_to_jpeg(tiny_imagefolder: Path):
     out = tiny_imagefolder / "train.beton"
     info = write_beton(tiny_imagefolder / "train", out, max_resolution=64, num_workers=2)
-    assert info == {"images": 12, "classes": ["ant", "bee", "cat"], "skipped": []}
+    samples = [(f"{c}/{i}.jpg", label) for label, c in enumerate(("ant", "bee", "cat")) for i in range(4)]
+    assert info == {"images": 12, "classes": ["ant", "bee", "cat"], "skipped": [], "samples": samples}
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
     loader = Loader(str(out), batch_size=5, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()]})
