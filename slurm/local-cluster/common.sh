@@ -6,8 +6,10 @@ PARTITION=debug
 # Two slurmd daemons on this host, each its own SLURM node. The names resolve (to 127.0.0.1) only inside
 # the nodes' private mount namespaces, through $D/etc/hosts; each node also has its own hostname.
 NODES=(hncl-n1 hncl-n2)
-# Ports: slurmctld BASE, slurmdbd BASE+2, slurmd of node i BASE+1+2i (6817, 6819, 6818, 6820 by default),
-# so that a second cluster (another state dir and port base) can run beside this one.
+# Ports: slurmctld BASE, slurmdbd BASE+2, the nodes' slurmd BASE+3 and BASE+4 (6817, 6819, 6820, 6821 by
+# default), so that a second cluster (another state dir and port base) can run beside this one. BASE+1 (6818,
+# slurmd's default) stays free: the earlier one-node version of these scripts, run on the same state dir,
+# then still starts (its stop.sh does not know the per-node slurmd).
 PORT_BASE=${HNCL_SLURM_PORT_BASE:-6817}
 DAEMONS=(munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}")
 export SLURM_CONF=$D/etc/slurm.conf

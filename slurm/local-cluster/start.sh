@@ -53,8 +53,8 @@ cpus=$(nproc)
 ((cpus >= 4)) || cpus=4
 for conf in slurm.conf slurmdbd.conf; do
   sed -e "s|@DIR@|$D|g" -e "s|@HOST@|$HOST|g" -e "s|@CPUS@|$cpus|g" -e "s|@CTLD_PORT@|$PORT_BASE|g" \
-    -e "s|@DBD_PORT@|$((PORT_BASE + 2))|g" -e "s|@SLURMD_PORT1@|$((PORT_BASE + 1))|g" \
-    -e "s|@SLURMD_PORT2@|$((PORT_BASE + 3))|g" "$HERE/$conf.in" >"$D/etc/$conf.new"
+    -e "s|@DBD_PORT@|$((PORT_BASE + 2))|g" -e "s|@SLURMD_PORT1@|$((PORT_BASE + 3))|g" \
+    -e "s|@SLURMD_PORT2@|$((PORT_BASE + 4))|g" "$HERE/$conf.in" >"$D/etc/$conf.new"
 done
 if healthy && cmp -s "$D/etc/slurm.conf.new" "$SLURM_CONF" \
   && cmp -s "$D/etc/slurmdbd.conf.new" "$D/etc/slurmdbd.conf"; then
