@@ -11,11 +11,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import submitit
 import torch
 import torch.distributed as dist
 
-from pipeline.launch import init_distributed
+from pipeline.launch import init_distributed, master_addr
+from pipeline.train.pretrain import stage_to_scratch
 from tests.conftest import make_project, run
 from tests.slurm_fixture import SlurmCluster
 
@@ -57,6 +59,18 @@ def test_two_by_two_job_spans_both_nodes_and_reduces_across_them(slurm_cluster: 
     assert by_node == {(str(i), n, n, str(slurm_cluster.state_dir / "scratch" / n)) for i, n in enumerate(NODES)}
     assert sorted((s["node"], s["local_rank"]) for s in seen) == [(n, str(r)) for n in NODES for r in (0, 1)]
     assert {s["master"] for s in seen} == {NODES[0]}  # rank 0's node, which resolved on both
+
+
+def test_unresolvable_first_node_and_unset_scratch_variable_fail_with_one_line(tmp_path: Path, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"MASTER_ADDR 'no-such-node.invalid' .* does not resolve on node"):
+        master_addr(["no-such-node.invalid", "localhost"])
+    assert master_addr(["localhost", "no-such-node.invalid"]) == "localhost"
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"x")
+    monkeypatch.delenv("HNCL_NO_SUCH_VAR", raising=False)
+    with pytest.raises(ValueError, match=r"launch.local_scratch = '\$HNCL_NO_SUCH_VAR/b': .* not set on node"):
+        stage_to_scratch([beton], "$HNCL_NO_SUCH_VAR/b", 0)
+    assert not (Path.cwd() / "$HNCL_NO_SUCH_VAR").exists()
 
 
 def start_repro(path: Path, *stages: str) -> subprocess.Popen:
