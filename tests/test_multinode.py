@@ -4,10 +4,12 @@ DDP pretraining equal to the one-node run, node-local staging, preemption and re
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,10 +106,14 @@ def launch_params(nodes: int, tasks_per_node: int, scratch: str = "") -> dict:
                        "local_scratch": scratch}}
 
 
-def test_two_node_pretraining_equals_one_node_and_stages_once_per_node(slurm_cluster: SlurmCluster, tmp_path: Path):
+def test_two_node_pretraining_equals_one_node_and_stages_once_per_node(slurm_cluster: SlurmCluster, tmp_path: Path,
+                                                                       request: pytest.FixtureRequest):
     """`dvc repro` of pretrain as a 2 x 1 job and as a 1 x 2 job (same global batch): the same weights, bit
     for bit; then detection as a two-node job on the two-node weights."""
-    scratch = f"hncl-betons-{tmp_path.name}"  # a fresh folder in each node's TMPDIR
+    scratch = f"hncl-betons-{uuid.uuid4().hex}"  # a fresh folder in each node's TMPDIR (it outlives tmp_path)
+    for node in NODES:
+        request.addfinalizer(lambda node=node: shutil.rmtree(slurm_cluster.state_dir / "scratch" / node / scratch,
+                                                            ignore_errors=True))
     two, set_two = make_project(tmp_path / "two-nodes")
     one, set_one = make_project(tmp_path / "one-node")
     set_two(launch_params(2, 1, f"$TMPDIR/{scratch}"))

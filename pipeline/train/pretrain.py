@@ -79,7 +79,8 @@ def stage_to_scratch(betons: list[Path], scratch: str, local_rank: int, rank: in
         raise ValueError(f"launch.local_scratch = {scratch!r}: an environment variable in it is not set on node "
                          f"{node_name()}")
     folder = Path(expanded)
-    out = [folder / f"{b.stem}-{b.stat().st_size}{b.suffix}" for b in betons]
+    # named by size and mtime: a rewritten .beton is copied again, not read stale from an earlier job's copy
+    out = [folder / f"{b.stem}-{b.stat().st_size}-{b.stat().st_mtime_ns}{b.suffix}" for b in betons]
     if local_rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         for src, dst in zip(betons, out, strict=True):
