@@ -3,7 +3,7 @@ DDP over gloo on localhost, the same global batch and the same cores in all), wi
 bench/out/scaling.png.
 
     python -m bench.scaling [--sizes 256 512 1024] [--processes 1 2] [--batch-size 64] [--method moco]
-        [--res 64] [--warmup 2] [--workers 2]      (from the repo root; ends with a RESULT {json} line)
+        [--res 64] [--warmup 2] [--workers 2] [--two-node]   (from the repo root; ends with a RESULT {json} line)
 
 A point is one epoch of the toy set of that size (pipeline/data/toy.py, 8 classes; a smaller set is the
 start of a larger one) with the training step of pipeline/train/pretrain.py (MoCo forward, step_loss,
@@ -13,6 +13,13 @@ barrier, and time the epoch to the barrier after its last step. With 2 processes
 global batch, half the loader threads and half the torch threads, so both
 layouts use the same cores: the speed-up is that of DDP, not of more hardware. Expected: time per image
 flat in the size (an epoch is linear in the data), and on a 2-core CPU a speed-up of at most 1.
+
+--two-node adds the two-node point on the SLURM test cluster (slurm/local-cluster, SLURM_CONF set): the
+2-process epoch as a job of 1 node x 2 tasks and as one of 2 nodes x 1 task, same total cores, each rank in
+its node's namespaces with the rendezvous on the first node's name. The ratio two-node / one-node epoch time
+is the overhead of spanning nodes, not a speed-up; on this test cluster both nodes are one host, so the
+traffic still crosses loopback and the expected ratio is about 1 (the README's cluster section has the bytes
+per step a real interconnect carries at 8, 16 and 64 GPUs).
 """
 
 import argparse
@@ -91,6 +98,30 @@ def point(beton: Path, world: int, opts: dict, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def slurm_rank(beton: str, opts: dict, out: str) -> None:
+    """One rank of a SLURM job (submitit): the same timed epoch, rendezvous on the job's first node."""
+    import submitit
+
+    from pipeline.launch import master_addr
+
+    env = submitit.JobEnvironment()
+    init = f"tcp://{master_addr(env.hostnames)}:{20000 + int(env.job_id) % 20000}"
+    train_epoch(env.global_rank, env.num_tasks, init, beton, opts, out)
+
+
+def slurm_point(beton: Path, nodes: int, opts: dict, tmp: Path) -> dict:
+    """The 2-process epoch as a SLURM job of `nodes` node(s) (2 tasks in all, one CPU each); rank 0's figures."""
+    import submitit
+
+    out = tmp / f"slurm-{nodes}-nodes.json"
+    ex = submitit.SlurmExecutor(folder=str(tmp / "slurm" / "%j"))
+    ex.update_parameters(nodes=nodes, ntasks_per_node=2 // nodes, cpus_per_task=1, time=60,
+                         additional_parameters={"chdir": str(Path(__file__).resolve().parents[1])})
+    job = ex.submit(slurm_rank, str(beton), opts, str(out))
+    job.results()  # waits; raises with the job's error if a rank failed
+    return json.loads(out.read_text()) | {"job_id": job.job_id}
+
+
 def plot(by_size: dict, by_world: dict, size: int, path: Path) -> None:
     """Epoch time against size (with the line of a constant time per image) and images/s against processes;
     matplotlib's object API renders the PNG with Agg, as pipeline/report.py does."""
@@ -118,7 +149,11 @@ def main() -> None:
     parser.add_argument("--res", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per point")
     parser.add_argument("--workers", type=int, default=2, help="ffcv loader threads in all")
+    parser.add_argument("--two-node", action="store_true",
+                        help="2 processes also as SLURM jobs: 1 node x 2 tasks, 2 nodes x 1 task (needs SLURM_CONF)")
     args = parser.parse_args()
+    if args.two_node and not os.environ.get("SLURM_CONF"):
+        parser.error("--two-node needs the test cluster: bash slurm/local-cluster/start.sh, then SLURM_CONF as printed")
     cores = len(os.sched_getaffinity(0))
     bn_splits = Params().pretrain.bn_splits
     for w in args.processes:
@@ -140,6 +175,7 @@ def main() -> None:
         by_size = {n: point(betons[n], 1, opts, tmp) for n in sorted(betons)}
         by_world = {w: by_size[largest] if w == 1 else point(betons[largest], w, opts, tmp)
                     for w in sorted(set(args.processes))}
+        by_nodes = {n: slurm_point(betons[largest], n, opts, tmp) for n in (1, 2)} if args.two_node else {}
 
     smallest = min(by_size)
     ms_per_image = {n: 1e3 * r["seconds"] / r["images"] for n, r in by_size.items()}
@@ -156,6 +192,14 @@ def main() -> None:
     for w, s in speedup.items():
         if w != min(by_world):
             print(f"speed-up {w} vs {min(by_world)} processes at {largest} images: {s:.2f}x")
+    if by_nodes:
+        print("| SLURM job | steps | wall s | ms/image |")
+        print("|---|---:|---:|---:|")
+        for n, r in by_nodes.items():
+            print(f"| {n} node(s) x {2 // n} task(s) (job {r['job_id']}) | {r['steps']} | {r['seconds']:.1f} | "
+                  f"{1e3 * r['seconds'] / r['images']:.1f} |")
+        print(f"two-node / one-node epoch time, 2 processes at {largest} images: "
+              f"{by_nodes[2]['seconds'] / by_nodes[1]['seconds']:.2f}")
     OUT.mkdir(exist_ok=True)
     plot(by_size, by_world, largest, OUT / "scaling.png")
     print(f"plot: {OUT / 'scaling.png'}")
@@ -163,7 +207,9 @@ def main() -> None:
            by_size={str(n): r for n, r in by_size.items()}, by_processes={str(w): r for w, r in by_world.items()},
            ms_per_image_ratio_to_smallest={str(n): round(v / ms_per_image[smallest], 3)
                                            for n, v in ms_per_image.items()},
-           speedup={str(w): round(s, 3) for w, s in speedup.items()})
+           speedup={str(w): round(s, 3) for w, s in speedup.items()},
+           by_slurm_nodes={str(n): r for n, r in by_nodes.items()},
+           two_node_over_one_node=round(by_nodes[2]["seconds"] / by_nodes[1]["seconds"], 3) if by_nodes else None)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,13 +44,15 @@ def local_device() -> torch.device:
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device) of this process; sets up the process group in a multi-task SLURM job.
 
-    The rendezvous is the first node of the job on a port derived from the job id, so concurrent jobs on
-    one node do not collide. NCCL on GPUs, gloo on CPU."""
+    The rendezvous is the first node of the job's node list (where SLURM puts rank 0) on a port derived from
+    the job id, so concurrent jobs on one node do not collide. Both are set from the job, never inherited:
+    sbatch exports the submitting shell's environment, whose MASTER_ADDR would name another machine. The local
+    rank (the GPU) is SLURM_LOCALID. NCCL on GPUs, gloo on CPU."""
     if "SLURM_JOB_ID" not in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) == 1:
         return 0, 1, local_device()
     env = submitit.JobEnvironment()
-    os.environ.setdefault("MASTER_ADDR", env.hostnames[0])
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(env.job_id.split("_")[0]) % 20000))
+    os.environ["MASTER_ADDR"] = master_addr(env.hostnames)
+    os.environ["MASTER_PORT"] = str(20000 + int(env.job_id.split("_")[0]) % 20000)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
@@ -58,6 +61,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=env.global_rank, world_size=env.num_tasks)
     return env.global_rank, env.num_tasks, device
+
+
+def master_addr(hostnames: list[str]) -> str:
+    """The rendezvous host: the job's first node, which must resolve here (one-line error naming it if not)."""
+    host = hostnames[0]
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as e:
+        raise RuntimeError(f"launch: MASTER_ADDR {host!r} (first node of SLURM_JOB_NODELIST="
+                           f"{os.environ.get('SLURM_JOB_NODELIST')}) does not resolve on node "
+                           f"{node_name()}: {e}") from None
+    return host
+
+
+def node_name() -> str:
+    """This task's SLURM node (SLURMD_NODENAME): nodes may share a hostname, as several slurmd on one host do."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 class PreemptionFlag:

@@ -24,7 +24,7 @@ from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
 from pipeline.data.augment import AugParams
 from pipeline.data.ffcv_io import TwoViewLoader
-from pipeline.launch import Interrupted, InterruptFlag, PreemptionFlag, init_distributed
+from pipeline.launch import Interrupted, InterruptFlag, PreemptionFlag, init_distributed, node_name
 from pipeline.models.moco import MoCo
 from pipeline.train.step import EpochSums, StepSetup, TrainState, build_model, fast_paths, new_state, train_step
 
@@ -66,21 +66,33 @@ def run_identity(p: Params) -> dict:
     return {"model": asdict(p.model), "pretrain": asdict(p.pretrain), "world_size": p.world_size}
 
 
-def stage_to_scratch(betons: list[Path], scratch: str, local_rank: int) -> list[Path]:
-    """Copy the .beton files to node-local scratch once per node (launch.local_scratch); their paths there."""
+def stage_to_scratch(betons: list[Path], scratch: str, local_rank: int, rank: int = 0) -> list[Path]:
+    """Copy the .beton files to node-local scratch once per node (launch.local_scratch); their paths there.
+
+    The first task of each node (SLURM_LOCALID 0) copies, the others wait at a barrier: several tasks of a
+    node then share one copy, and ranks on other nodes read their own node's. Each copy and each rank's
+    choice is logged with the node name (SLURMD_NODENAME), since nodes may share a hostname."""
     if not scratch:
         return betons
-    folder = Path(os.path.expandvars(scratch))
-    out = [folder / f"{b.stem}-{b.stat().st_size}{b.suffix}" for b in betons]
+    expanded = os.path.expandvars(scratch)
+    if "$" in expanded:
+        raise ValueError(f"launch.local_scratch = {scratch!r}: an environment variable in it is not set on node "
+                         f"{node_name()}")
+    folder = Path(expanded)
+    # named by size and mtime: a rewritten .beton is copied again, not read stale from an earlier job's copy
+    out = [folder / f"{b.stem}-{b.stat().st_size}-{b.stat().st_mtime_ns}{b.suffix}" for b in betons]
     if local_rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         for src, dst in zip(betons, out, strict=True):
             if not dst.exists():
-                tmp = dst.with_suffix(".tmp")
+                tmp = dst.with_suffix(f".tmp{os.getpid()}")
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dst)
+                print(f"pretrain: staged {src} to {dst} on node {node_name()}", flush=True)
     if dist.is_initialized():
         dist.barrier()
+    print(f"pretrain: rank {rank} on node {node_name()} (SLURM_NODEID {os.environ.get('SLURM_NODEID', '-')}) "
+          f"reads {', '.join(map(str, out))}", flush=True)
     return out
 
 
@@ -156,7 +168,7 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     if world != p.world_size:
         raise ValueError(f"the job has {world} processes but launch.nodes x launch.tasks_per_node = {p.world_size}")
     train_beton, val_beton = stage_to_scratch([train_beton, val_beton], p.launch.local_scratch,
-                                              int(os.environ.get("SLURM_LOCALID", 0)))
+                                              int(os.environ.get("SLURM_LOCALID", 0)), rank)
     torch.manual_seed(pt.seed)
     bf16, memory_format = fast_paths(pt, device)
     setup = StepSetup(device, bf16, memory_format, rank, world)
@@ -174,9 +186,9 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
         saved = checkpoint.load(state_path)
         if saved.get("identity") == identity:
             load_state(state, saved)
-            if rank == 0:
-                print(f"pretrain: resuming {state_path} at epoch {state.epoch + 1} batch {state.batch} "
-                      f"(step {state.step})", flush=True)
+            where = "" if world == 1 else f" (rank {rank} on node {node_name()})"  # every rank: each log shows it
+            print(f"pretrain: resuming{where} {state_path} at epoch {state.epoch + 1} batch {state.batch} "
+                  f"(step {state.step})", flush=True)
         elif rank == 0:
             print(f"pretrain: {state_path} belongs to other params, code or data; starting from scratch", flush=True)
     fresh = state.step == 0

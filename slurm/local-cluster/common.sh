@@ -1,9 +1,17 @@
-# Shared by start.sh and stop.sh: paths of the one-node test cluster and small process helpers.
+# Shared by start.sh and stop.sh: paths, ports and node names of the two-node test cluster, process helpers.
 D=${HNCL_SLURM_DIR:-/tmp/hncl-slurm}
 HOST=$(hostname -s)
 CLUSTER=hncl
 PARTITION=debug
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+# Two slurmd daemons on this host, each its own SLURM node. The names resolve (to 127.0.0.1) only inside
+# the nodes' private mount namespaces, through $D/etc/hosts; each node also has its own hostname.
+NODES=(hncl-n1 hncl-n2)
+# Ports: slurmctld BASE, slurmdbd BASE+2, the nodes' slurmd BASE+3 and BASE+4 (6817, 6819, 6820, 6821 by
+# default), so that a second cluster (another state dir and port base) can run beside this one. BASE+1 (6818,
+# slurmd's default) stays free: the earlier one-node version of these scripts, run on the same state dir,
+# then still starts (its stop.sh does not know the per-node slurmd).
+PORT_BASE=${HNCL_SLURM_PORT_BASE:-6817}
+DAEMONS=(munged mariadbd slurmdbd slurmctld "${NODES[@]/#/slurmd-}")
 export SLURM_CONF=$D/etc/slurm.conf
 export MYSQL_UNIX_PORT=$D/mysql/mysqld.sock
 
@@ -15,26 +23,37 @@ running() {
   [ "${stat%% *}" != Z ]
 }
 
-# alive NAME: the daemon NAME runs with the pid in the pid file this cluster gave it (pid reuse is checked).
+# alive NAME: the daemon NAME runs with the pid in the pid file this cluster gave it (pid reuse is checked;
+# the slurmd of node N has the pid file slurmd-N.pid and the command name slurmd).
 alive() {
   local pid
   pid=$(cat "$D/run/$1.pid" 2>/dev/null) || return 1
-  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ] && running "$pid"
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${1%%-*}" ] && running "$pid"
 }
 
-node_state() {
-  timeout 5 sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n1
+# nodes_state: "<node> <state>" per node of the cluster.
+nodes_state() {
+  timeout 5 sinfo -h -N -o "%N %T" 2>/dev/null | sort -u
+}
+
+# nodes_up: every node answers and takes jobs.
+nodes_up() {
+  local node state
+  for node in "${NODES[@]}"; do
+    state=$(nodes_state | awk -v n="$node" '$1 == n {print $2}')
+    case "$state" in idle | mixed | allocated | completing) ;; *) return 1 ;; esac
+  done
 }
 
 healthy() {
   local name
   for name in "${DAEMONS[@]}"; do alive "$name" || return 1; done
-  case "$(node_state)" in idle | mixed | allocated | completing) ;; *) return 1 ;; esac
+  nodes_up || return 1
   timeout 5 sacctmgr -n -P show cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER" || return 1
   timeout 5 sacct -n -X -S now-1minutes >/dev/null 2>&1
 }
 
 summary() {
-  echo "hncl-slurm: up ($1): cluster $CLUSTER, node $HOST, partition $PARTITION," \
-    "$(sinfo -h -N -n "$HOST" -o %c) CPUs, state dir $D; clients need SLURM_CONF=$SLURM_CONF"
+  echo "hncl-slurm: up ($1): cluster $CLUSTER, nodes ${NODES[*]} ($(sinfo -h -N -o %c | head -n1) CPUs each)," \
+    "partition $PARTITION, state dir $D; clients need SLURM_CONF=$SLURM_CONF"
 }

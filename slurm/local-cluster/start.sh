@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Starts the one-node test cluster as root without systemd: munged, MariaDB (socket only), slurmdbd,
-# slurmctld and slurmd, all with their state, logs and keys under $HNCL_SLURM_DIR (/tmp/hncl-slurm).
+# Starts the two-node test cluster as root without systemd: munged, MariaDB (socket only), slurmdbd,
+# slurmctld and one slurmd per node (hncl-n1, hncl-n2 on this host, each in its own mount and UTS namespace
+# so that it has its own hostname and the node names resolve there), all with their state, logs and keys
+# under $HNCL_SLURM_DIR (/tmp/hncl-slurm). HNCL_SLURM_PORT_BASE (6817) moves all ports: a second cluster
+# can run beside the first.
 # Idempotent: returns at once when the cluster is already up. Clients need SLURM_CONF (printed).
 set -euo pipefail
 shopt -s nullglob
@@ -12,7 +15,7 @@ t0=$SECONDS
 # fail MESSAGE: print it with the daemon logs and stop what this run started (no half-up cluster left).
 fail() {
   local f report="hncl-slurm: $1"
-  for f in "$D"/log/{slurmctld,slurmd,slurmdbd,mariadb,munged}.log; do
+  for f in "$D"/log/{slurmctld,slurmd-*,slurmdbd,mariadb,munged}.log; do
     [ -s "$f" ] && report+=$'\n'"----- $f (last 25 lines)"$'\n'"$(tail -n 25 "$f")"
   done
   [ -n "${locked:-}" ] && HNCL_SLURM_LOCKED=1 bash "$HERE/stop.sh" >/dev/null
@@ -36,11 +39,11 @@ wait_for() {
 
 [ "$(id -u)" = 0 ] || fail "start.sh must run as root (the daemons run as root)"
 export PATH=$PATH:/usr/sbin:/sbin
-for b in munged mariadbd mariadb-install-db mariadb-admin slurmdbd slurmctld slurmd sbatch sacctmgr; do
+for b in munged mariadbd mariadb-install-db mariadb-admin slurmdbd slurmctld slurmd sbatch sacctmgr unshare; do
   command -v "$b" >/dev/null || fail "$b not found: run slurm/local-cluster/install.sh"
 done
 
-mkdir -p "$D"/{etc,run,log,munge,mysql,spool/ctld,spool/d}
+mkdir -p "$D"/{etc,run,log,munge,mysql,spool/ctld,spool/d} "${NODES[@]/#/$D/spool/d/}" "${NODES[@]/#/$D/scratch/}"
 chmod 755 "$D" "$D/munge"
 exec 9>"$D/.lock"  # the daemons are started with 9>&- so that they do not hold the lock
 flock -w 120 9 || fail "another start.sh or stop.sh holds $D/.lock"
@@ -49,7 +52,9 @@ locked=1
 cpus=$(nproc)
 ((cpus >= 4)) || cpus=4
 for conf in slurm.conf slurmdbd.conf; do
-  sed -e "s|@DIR@|$D|g" -e "s|@HOST@|$HOST|g" -e "s|@CPUS@|$cpus|g" "$HERE/$conf.in" >"$D/etc/$conf.new"
+  sed -e "s|@DIR@|$D|g" -e "s|@HOST@|$HOST|g" -e "s|@CPUS@|$cpus|g" -e "s|@CTLD_PORT@|$PORT_BASE|g" \
+    -e "s|@DBD_PORT@|$((PORT_BASE + 2))|g" -e "s|@SLURMD_PORT1@|$((PORT_BASE + 3))|g" \
+    -e "s|@SLURMD_PORT2@|$((PORT_BASE + 4))|g" "$HERE/$conf.in" >"$D/etc/$conf.new"
 done
 if healthy && cmp -s "$D/etc/slurm.conf.new" "$SLURM_CONF" \
   && cmp -s "$D/etc/slurmdbd.conf.new" "$D/etc/slurmdbd.conf"; then
@@ -63,6 +68,14 @@ mv "$D/etc/slurm.conf.new" "$SLURM_CONF"
 mv "$D/etc/slurmdbd.conf.new" "$D/etc/slurmdbd.conf"
 chmod 600 "$D/etc/slurmdbd.conf"
 : >"$D/etc/plugstack.conf"
+# The nodes' /etc/hosts (bind-mounted in their namespaces): this host's, plus the node names.
+{ cat /etc/hosts; echo "127.0.0.1 ${NODES[*]}"; } >"$D/etc/hosts"
+# Node-local scratch: both nodes share /tmp, so each task's TMPDIR is its node's own directory.
+cat >"$D/etc/task_prolog.sh" <<PROLOG
+#!/bin/sh
+echo "export TMPDIR=$D/scratch/\$SLURMD_NODENAME"
+PROLOG
+chmod 755 "$D/etc/task_prolog.sh"
 for f in "$D"/log/*.log; do mv -f "$f" "$f.prev"; done  # so that a failure shows this start's logs only
 
 # munge: a private key and socket, so the cluster never depends on the system's munged.
@@ -95,16 +108,22 @@ if ! sacctmgr -n -P show account default format=account | grep -qx default; then
 fi
 
 slurmctld -i 9>&- || fail "slurmctld did not start"
-slurmd -N "$HOST" 9>&- || fail "slurmd did not start"
-node_up() {
-  local state
-  state=$(node_state)
-  case "$state" in
-    idle | mixed | allocated | completing) return 0 ;;
-    down | drained | draining) scontrol update NodeName="$HOST" State=RESUME 2>/dev/null ;;
-  esac
+for node in "${NODES[@]}"; do
+  unshare -m -u --propagation private sh -c \
+    "mount --bind '$D/etc/hosts' /etc/hosts && hostname '$node' && exec slurmd -N '$node'" 9>&- \
+    || fail "slurmd of node $node did not start"
+done
+# all_nodes_up: every node idle (a node left down or drained by an earlier run is resumed).
+all_nodes_up() {
+  local line
+  nodes_up && return 0
+  while read -r line; do
+    case "${line#* }" in
+      down* | drain*) scontrol update NodeName="${line%% *}" State=RESUME 2>/dev/null ;;
+    esac
+  done < <(nodes_state)
   return 1
 }
-wait_for "node $HOST to be idle (sinfo)" node_up
+wait_for "nodes ${NODES[*]} to be idle (sinfo)" all_nodes_up
 wait_for "sacct" timeout 5 sacct -n -X -S now-1minutes
 summary "started in $((SECONDS - t0))s"

@@ -24,7 +24,7 @@ if [ -z "${HNCL_SLURM_LOCKED:-}" ]; then
   exec 9>"$D/.lock"
   flock -w 120 9 || { echo "hncl-slurm: another start.sh or stop.sh holds $D/.lock" >&2; exit 1; }
 fi
-if alive slurmctld && alive slurmd; then
+if alive slurmctld; then
   jobs=$(timeout 5 squeue -h -o %i 2>/dev/null)
   if [ -n "$jobs" ]; then
     # shellcheck disable=SC2086
@@ -35,6 +35,7 @@ if alive slurmctld && alive slurmd; then
     done
   fi
 fi
+stop_daemon slurmd  # the single slurmd of the earlier one-node version of this cluster, if it still runs
 for ((k = ${#DAEMONS[@]} - 1; k >= 0; k--)); do stop_daemon "${DAEMONS[k]}"; done
 rm -f "$D/munge/munge.socket.2" "$D/munge/munge.socket.2.lock" "$MYSQL_UNIX_PORT"
 echo "hncl-slurm: stopped ($D)"
