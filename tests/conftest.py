@@ -1,6 +1,7 @@
 """Shared fixtures: a scratch copy of the project with tiny params, where the real stages and DVC run."""
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,13 @@ def merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return out
+
+
+def results(path: Path, stage: str) -> dict:
+    """A stage's metrics file and its run record (job, provenance, text values) as one dict."""
+    numbers = json.loads((path / f"metrics/{stage}.json").read_text())
+    record = path / f"metrics/{stage}.run.json"
+    return numbers | (json.loads(record.read_text()) if record.is_file() else {})
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pipeline.launch import init_distributed, master_addr
 from pipeline.train.pretrain import stage_to_scratch
-from tests.conftest import make_project, run
+from tests.conftest import make_project, results, run
 from tests.slurm_fixture import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_two_node_pretraining_equals_one_node_and_stages_once_per_node(slurm_clu
     finish(procs[0]), finish(procs[1])
 
     for path, nodes in ((two, {"hncl-n[1-2]"}), (one, set(NODES))):
-        m = json.loads((path / "metrics/pretrain.json").read_text())
+        m = results(path, "pretrain")
         assert m["world_size"] == 2 and m["job"]["state"] == "COMPLETED"
         assert node_list(m["job"]["job_id"]) in nodes
     a = torch.load(two / "models/pretrain/checkpoint.pt", weights_only=True)["model"]
@@ -144,13 +144,13 @@ def test_two_node_pretraining_equals_one_node_and_stages_once_per_node(slurm_clu
         assert len(reads) == 1 and reads[0].count(str(node_scratch)) == 2, log  # its own node's copies
     # rank 0 alone returns the metrics (rank 1 returns None) and writes checkpoints
     job = submitit.SlurmJob(folder=two / "logs/slurm/pretrain", job_id=job_of(two, "pretrain"), tasks=(0, 1))
-    results = job.results()
-    assert results[0]["steps"] == 6 and results[1] is None
+    returned = job.results()
+    assert returned[0]["steps"] == 6 and returned[1] is None
     assert sorted(f.name for f in (two / "checkpoints/pretrain").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt",
                                                                                "last.pt"]
 
     out = finish(start_repro(two, "detect_voc"))
-    m = json.loads((two / "metrics/voc.json").read_text())
+    m = results(two, "voc")
     assert m["world_size"] == 2 and m["job"]["state"] == "COMPLETED", out[-3000:]
     assert node_list(m["job"]["job_id"]) == "hncl-n[1-2]"
     assert 0 <= m["bbox"]["AP50"] <= 100
@@ -177,6 +177,6 @@ def test_preempted_two_node_job_checkpoints_once_and_resumes_on_both_nodes(slurm
         resumed = [line for line in log.splitlines() if line.startswith(f"pretrain: resuming (rank {rank} on node "
                                                                          f"{node})")]
         assert len(resumed) == 1 and resumed[0].endswith(f"(step {step})"), log
-    m = json.loads((path / "metrics/pretrain.json").read_text())
+    m = results(path, "pretrain")
     assert m["steps"] == 4 * 3 and m["job"]["job_id"] == jid, out[-3000:]  # the same job, requeued
     assert node_list(jid) == "hncl-n[1-2]"

@@ -24,6 +24,7 @@ from pipeline.config import load_params
 from pipeline.data.toy_detection import make_toy_detection
 from pipeline.presets import PRESETS, leaves
 from stages import convert, detect, ffcv_convert, knn, lineval, pretrain
+from tests.conftest import results
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = (PRESETS / "imagenet100.txt").read_text().split()[:3]
@@ -123,7 +124,7 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
     ffcv_convert.main(p)
     assert (tmp_path / "data/ffcv/classes.txt").read_text().split() == sorted(WNIDS)
     pretrain.main(p)
-    m = json.loads((tmp_path / "metrics/pretrain.json").read_text())
+    m = results(tmp_path, "pretrain")
     assert (m["method"], m["epochs"], m["steps"]) == (p.pretrain.method, epochs, 2 * epochs)
     assert math.isfinite(m["loss"])
     if method != "moco":  # the last epoch trained with synthetic negatives: k+ must beat them too

@@ -17,7 +17,7 @@ from pipeline.data.manifest import manifest_path, read_manifest, write_manifest
 from pipeline.data.subsets import SIMCLR_LISTS, balanced_subset, read_simclr_list, subset_from_names
 from pipeline.models.backbone import random_init_backbone, resnet
 from pipeline.train.semisup import classifier, optimizer
-from tests.conftest import REPO, run
+from tests.conftest import REPO, results, run
 
 LABELS = torch.tensor([0] * 160 + [1] * 37 + [2] * 5 + [3] * 1)  # uneven classes, one of a single image
 
@@ -161,7 +161,7 @@ def test_semisup_params_bad_ones_name_the_key(tmp_path, overrides, message):
 def test_semisup_stage_under_dvc_metrics_resume_narrow_deps_and_bad_lists(project):
     path, set_params = project
     run(["dvc", "repro", "semisup"], path)
-    m = json.loads((path / "metrics/semisup.json").read_text())
+    m = results(path, "semisup")
     assert set(m["fractions"]) == {"25pct", "50pct"} and m["subset"] == "balanced"
     for key, images in (("25pct", 12), ("50pct", 24)):  # 3 classes x 16 train images
         f = m["fractions"][key]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run
+from tests.conftest import results, run
 
 SLURM = {"launch": {"executor": "slurm", "profile": "local-test"}}
 HANG = 3600  # s: the timeouts below only end a hang; on a shared 2-core machine the whole tiny study took > 900 s
@@ -153,6 +153,6 @@ def test_semisup_runs_as_a_one_task_slurm_job(project, slurm_cluster):
     set_params(SLURM)
     out = run(["python", "-m", "stages.semisup"], path, timeout=900).stdout
     assert "submitted job" in out and "semisup 50pct: top-1" in out, out
-    m = json.loads((path / "metrics/semisup.json").read_text())
+    m = results(path, "semisup")
     assert m["job"]["executor"] == "slurm" and m["job"]["state"] == "COMPLETED"
     assert set(m["fractions"]) == {"25pct", "50pct"} and m["device"] == "cpu"
