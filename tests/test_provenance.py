@@ -11,7 +11,7 @@ COMMIT = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", 
 
 
 def provenance(path: Path) -> dict:
-    return json.loads((path / "metrics/ffcv.json").read_text())["provenance"]
+    return json.loads((path / "metrics/ffcv.run.json").read_text())["provenance"]  # the stage's run record
 
 
 def test_git_dirty_ignores_dvc_outputs_and_lists_what_differs(tmp_path: Path):
