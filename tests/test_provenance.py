@@ -48,5 +48,5 @@ def test_git_dirty_ignores_dvc_outputs_and_lists_what_differs(tmp_path: Path):
     assert "Running stage 'ffcv_convert'" in out
     prov = provenance(path)
     assert (prov["git_dirty"], prov["git_changed"], prov["dvc_experiment"]) == (False, [], "q70")
-    assert prov["params_hash"] != json.loads(run(["git", "show", "HEAD:metrics/ffcv.json"], path).stdout)[
+    assert prov["params_hash"] != json.loads(run(["git", "show", "HEAD:metrics/ffcv.run.json"], path).stdout)[
         "provenance"]["params_hash"]
