@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 from pipeline.checkpoint import atomic_write, files_digest, params_hash
 from pipeline.compat import CompatError
 from pipeline.config import ConfigError, Params, load_params, read_yaml_mapping
-from pipeline.freshness import stage_of, stage_params_hash
+from pipeline.freshness import resolve, stage_of, stage_params_hash
 from pipeline.launch import JobFailed
 
 PACKAGES = ("torch", "torchvision", "ffcv", "sal-detectron2", "dvc", "submitit")
@@ -68,7 +67,7 @@ def dvc_outputs(dvc_yaml: str | Path = "dvc.yaml", p: Params | None = None) -> l
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind) or []:
                 path = next(iter(entry)) if isinstance(entry, dict) else entry
-                out.append(Path(dvc_yaml).parent / (_resolve(path, p) if p is not None else path))
+                out.append(Path(dvc_yaml).parent / (resolve(path, p.to_dict()) if p is not None else path))
     return out
 
 
@@ -110,20 +109,7 @@ def stage_deps(stage: str, p: Params, dvc_yaml: str | Path = "dvc.yaml") -> list
     stages = read_yaml_mapping(dvc_yaml, "sections (stages, plots...)").get("stages") or {}
     if stage not in stages:
         raise ValueError(f"{dvc_yaml}: no stage {stage!r}")
-    return [Path(_resolve(dep, p)) for dep in stages[stage].get("deps", [])]
-
-
-def _resolve(path: str, p: Params) -> str:
-    """A dvc.yaml path with its ${section.key} references replaced by the params' values."""
-    values = p.to_dict()
-
-    def value(match: re.Match) -> str:
-        v = values
-        for key in match.group(1).split("."):
-            v = v[key]
-        return str(v)
-
-    return re.sub(r"\$\{([\w.]+)\}", value, path)
+    return [Path(resolve(dep, p.to_dict())) for dep in stages[stage].get("deps", [])]
 
 
 def stage_identity(stage: str, p: Params, section: dict) -> str:

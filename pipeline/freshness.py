@@ -20,8 +20,8 @@ from pipeline.checkpoint import params_hash
 from pipeline.config import Params, load_params, read_yaml
 
 
-def _resolve(text: str, values: dict) -> str:
-    """dvc.yaml's ${a.b} interpolation, from the params."""
+def resolve(text: str, values: dict) -> str:
+    """dvc.yaml's ${a.b} interpolation from the params' values (p.to_dict()): every reader of dvc.yaml uses it."""
     def value(match: re.Match) -> str:
         v = values
         for key in match.group(1).split("."):
@@ -50,7 +50,7 @@ def stage_params(stage: str, p: Params, dvc_yaml: str | Path = "dvc.yaml") -> li
     if stage not in stages:
         raise ValueError(f"{dvc_yaml}: no stage {stage!r}")
     values = p.to_dict()
-    producer = {_resolve(out, values).rstrip("/"): name for name, s in stages.items()
+    producer = {resolve(out, values).rstrip("/"): name for name, s in stages.items()
                 for out in _paths(s.get("outs", []) + s.get("metrics", []) + s.get("plots", []))}
     keys, seen, todo = set(), set(), [stage]
     while todo:
@@ -59,7 +59,7 @@ def stage_params(stage: str, p: Params, dvc_yaml: str | Path = "dvc.yaml") -> li
             continue
         seen.add(name)
         keys.update(_param_keys(stages[name].get("params", [])))
-        for dep in (_resolve(d, values).rstrip("/") for d in _paths(stages[name].get("deps", []))):
+        for dep in (resolve(d, values).rstrip("/") for d in _paths(stages[name].get("deps", []))):
             todo += [who for out, who in producer.items()
                      if dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")]
     return sorted(keys)
