@@ -41,6 +41,12 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """shutil.copyfile, atomically: a kill mid-copy leaves no truncated `dst`."""
+    with open(src, "rb") as f_src:
+        atomic_write(dst, lambda f: shutil.copyfileobj(f_src, f, 2**24))
+
+
 def load(path: str | Path) -> dict:
     """torch.load(weights_only=True), with the file named in any error."""
     path = Path(path)

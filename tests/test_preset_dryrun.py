@@ -13,6 +13,7 @@ negatives of MoCHi and SynCo are made in its last epoch.
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 from pipeline.config import load_params
 from pipeline.data.toy_detection import make_toy_detection
 from pipeline.presets import PRESETS, leaves
-from stages import convert, detect, ffcv_convert, knn, lineval, pretrain
+from stages import convert, detect, ffcv_convert, knn, lineval, pretrain, semisup
 from tests.conftest import results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +32,21 @@ WNIDS = (PRESETS / "imagenet100.txt").read_text().split()[:3]
 ROOTS = {"voc": "VOCdevkit", "coco": "coco"}  # where the detection presets look, under data/
 TRAIN, VAL = 3, 2  # images per class: 9 train images = 2 steps of batch 4, with K 4 <= 9 - 4
 
-# leaf names the dry run may change (the issue's list); everything else stays as the presets set it
-KNOBS = {"queue_size", "epochs", "max_iter", "batch_size", "ims_per_batch", "executor", "nodes", "tasks_per_node",
+# leaf names the dry run may change (the issue's list, plus N which follows K and semisup's trials and subset);
+# everything else stays as the presets set it
+KNOBS = {"queue_size", "n_hard", "epochs", "trials", "subset", "max_iter", "batch_size", "ims_per_batch", "executor",
+         "nodes", "tasks_per_node",
          "res", "min_size_train", "max_size_train", "min_size_test", "max_size_test", "roi_batch_size", "test_topk",
          "precise_bn_iters"}
 DETECTION = {"max_iter": 2, "ims_per_batch": 2, "min_size_train": [64], "max_size_train": 64, "min_size_test": 64,
              "max_size_test": 64, "roi_batch_size": 8, "test_topk": 20, "precise_bn_iters": 1}
 OVERRIDES = {
     "launch": {"executor": "local", "nodes": 1, "tasks_per_node": 1},  # world size 1 on this CPU
-    "pretrain": {"queue_size": 4, "batch_size": 4, "res": 32},  # epochs: per preset, below
+    # K scaled to the set, so N (each query's hard negatives, top N of the queue) too; s, s' and SynCo's counts stay
+    "pretrain": {"queue_size": 4, "batch_size": 4, "res": 32, "mochi": {"n_hard": 4}, "synco": {"n_hard": 4}},
+    # SimCLR's lists name ImageNet's files (sha256-checked, not in the repo): the set's own balanced subset
+    # instead, after checking that the preset's missing lists are refused with the place to get them
+    "semisup": {"subset": "balanced", "trials": 1, "epochs": [1, 1], "batch_size": 4, "res": 32},
     "lineval": {"epochs": 1, "batch_size": 4, "res": 32},
     "knn": {"batch_size": 4, "res": 32},
     "detection": {"voc": DETECTION, "coco": DETECTION},
@@ -51,7 +58,7 @@ COMBINATIONS = [
     (("in1k", "mochi-128-1024-512", "voc-24k", "coco-1x"), ("lineval", "knn", "voc", "coco")),
     (("in100", "synco", "coco-2x"), ("lineval", "knn", "coco")),
     (("in100", "mochi-512-1024-512"), ()),
-    (("in1k", "mocov2"), ()),
+    (("in1k", "mocov2", "semisup-in1k"), ("semisup",)),
 ]
 
 
@@ -135,6 +142,13 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
     if "knn" in stages:
         knn.main(p)
         assert math.isfinite(json.loads((tmp_path / "metrics/knn.json").read_text())["top1"])
+    if "semisup" in stages:
+        assert preset["semisup.subset"] == "simclr"
+        with pytest.raises(FileNotFoundError, match="SimCLR's ImageNet 1% list not found; copy 1percent.txt"):
+            semisup.subsets(replace(p, semisup=replace(p.semisup, subset="simclr")))
+        semisup.main(p)
+        fractions = json.loads((tmp_path / "metrics/semisup.json").read_text())["fractions"]
+        assert len(fractions) == 2 and all(math.isfinite(v["top1"]) for v in fractions.values())
     if {"voc", "coco"} & set(stages):
         convert.main(p)
     for task in ("voc", "coco"):

@@ -232,6 +232,8 @@ def _train(state: TrainState, setup: StepSetup, p: Params, loader: TwoViewLoader
     pt, rank, world = p.pretrain, setup.rank, setup.world
     base_lr = state.optimizer.defaults["lr"]  # pretrain.lr scaled to the global batch (new_state)
     images = 0
+    if not fresh:
+        keep_epoch(state, state_path, pt, rank, resumed=True)
     while state.epoch < pt.epochs:
         lr = lr_at(base_lr, state.epoch, pt.epochs, pt.schedule, pt.lr_steps)
         for group in state.optimizer.param_groups:
@@ -264,9 +266,18 @@ def _train(state: TrainState, setup: StepSetup, p: Params, loader: TwoViewLoader
         end_epoch(state, lr, rank, pt, val_loader, device, wup, analysis_dir, live)
         fresh = False
         save_state(state, state_path, extra, rank)
-        if rank == 0 and pt.keep_every and state.epoch % pt.keep_every == 0:  # evaluate this epoch later
-            shutil.copyfile(state_path, state_path.with_name(f"epoch_{state.epoch:04d}.pt"))
+        keep_epoch(state, state_path, pt, rank)
     return images
+
+
+def keep_epoch(state: TrainState, state_path: Path, pt: PretrainParams, rank: int, resumed: bool = False) -> None:
+    """Copy the checkpoint of a finished epoch that pretrain.keep_every keeps (to evaluate it later) to
+    epoch_NNNN.pt, atomically. On resume (`resumed`) a missing one is written: a kill between the save and
+    the copy loses no kept epoch."""
+    kept = state_path.with_name(f"epoch_{state.epoch:04d}.pt")
+    due = pt.keep_every and state.epoch and state.batch == 0 and state.epoch % pt.keep_every == 0
+    if rank == 0 and due and not (resumed and kept.exists()):
+        checkpoint.copy_atomic(state_path, kept)
 
 
 def end_epoch(state: TrainState, lr: float, rank: int, pt: PretrainParams, val_loader: TwoViewLoader | None,
