@@ -16,7 +16,7 @@ run: setup
 test: setup
 	@bash slurm/local-cluster/install.sh
 	ruff check pipeline stages tests bench
-	python -m pytest -q tests
+	python -m pytest -q --durations=40 tests
 
 lint: setup
 	ruff check pipeline stages tests bench
