@@ -7,8 +7,10 @@ in this process. The order comes from ffcv's seeded RANDOM traversal (a function
 is drawn inside the numba decoder; numba freezes closure variables as constants, so the decoder reads the
 current epoch through the address of a one-element array it owns (the address is the frozen constant,
 the content is set by set_epoch). Each image is decoded once and cut into both views' crops. Colour ops,
-grayscale, blur and flip run batched in torch after loading, keyed by the dataset index of each sample,
-which a small ffcv operation hands over, the batch split over num_workers threads.
+grayscale, blur and flip run after loading, keyed by the dataset index of each sample, which a small ffcv
+operation hands over: on the CPU per sample in one numba function (colour_cpu.py), the batch split over
+num_workers threads; or, with TwoViewLoader's augment_device not cpu, in the training step on its device
+(augment.colour_augment), the loader then yielding the uint8 crops and the indices.
 """
 
 import os
@@ -43,6 +45,7 @@ from pipeline.data.augment import (
     AugParams,
     MocoV2Augment,
     apply_where,
+    colour_augment,
     hflip,
     mix64_int,
     normalize,
@@ -324,14 +327,50 @@ class BatchTransform(Operation):
         return replace(previous_state, jit_mode=False, shape=(V, C, H, W), dtype=torch.float32), None
 
 
+class Uint8Views(Operation):
+    """The decoder's uint8 crops [B, V, H, W, 3], copied out of ffcv's reused buffer (into pinned memory when
+    CUDA is there, for a non-blocking copy): the colour ops then run in the training step, on its device."""
+
+    def generate_code(self):
+        pin = torch.cuda.is_available()
+
+        def copy(images, _):
+            out = torch.empty(images.shape, dtype=images.dtype, pin_memory=pin)  # [B, V, H, W, 3]
+            return out.copy_(images)
+
+        return copy
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, jit_mode=False), None
+
+
+class BatchIndices(Operation):
+    """The dataset index of each sample of the batch [B] int64 (the key of its random draws)."""
+
+    def generate_code(self):
+        def indices(_, __, batch_indices):
+            return torch.from_numpy(batch_indices.astype(np.int64))  # [B], a new array
+
+        indices.with_indices = True
+        return indices
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, jit_mode=False, shape=(), dtype=torch.int64), None
+
+
 # ---- loaders ------------------------------------------------------------------------------------------
 
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
-                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable, state: LoaderState) -> Loader:
-    """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label'."""
-    pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), BatchTransform(fn, state)])}
+                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable | None, state: LoaderState
+                 ) -> Loader:
+    """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label'; with fn None, 'image'
+    holds the uint8 crops and an 'index' pipeline the samples' dataset indices."""
+    last = Uint8Views() if fn is None else BatchTransform(fn, state)
+    pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), last])}
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
+    if fn is None:
+        pipelines["index"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[BatchIndices()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
     try:
         return Loader(str(beton), batch_size=batch_size, num_workers=num_workers, order=order, seed=seed,
@@ -384,12 +423,18 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
 class TwoViewLoader:
     """Two independently augmented MoCo v2 aug+ views of each image, one epoch per iteration.
 
-    Iterating twice without set_epoch repeats the same epoch (like DistributedSampler).
+    augment_device cpu (default): batches are (x1, x2, labels), normalised float32 [B, 3, res, res] x2 and
+    [B]. Any other device: the colour ops are left to the training step on that device; batches are
+    (views uint8 [B, 2, res, res, 3], dataset indices [B], labels [B]), and
+    `loader.colour_augment(views, indices, epoch, device)` gives (x1, x2) there, the same views up to float
+    rounding. Iterating twice without set_epoch repeats the same epoch (like DistributedSampler).
     """
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = True):
+                 distributed: bool = False, drop_last: bool = True, augment_device: torch.device | str = "cpu"):
         self.epoch, self._state = 0, LoaderState(num_workers)
+        self.aug, self.seed = aug, seed
+        self.colour_on_loader = torch.device(augment_device).type == "cpu"
         decoder = KeyedResizedCrops((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, 2, self._state.epoch)
         augment = [MocoV2Augment(aug, seed, v) for v in (0, 1)]
 
@@ -397,7 +442,14 @@ class TwoViewLoader:
             return [augment[v](images[:, v], index, epoch) for v in (0, 1)]  # [b, 3, res, res] x2
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, decoder,
-                                   transform, self._state)
+                                   transform if self.colour_on_loader else None, self._state)
+
+    def colour_augment(self, views: Tensor, indices: Tensor, epoch: int, device: torch.device | str
+                       ) -> tuple[Tensor, Tensor]:
+        """(x1, x2) normalised float32 [B, 3, res, res] on device from a batch's uint8 views [B, 2, res, res, 3]
+        and dataset indices [B] (see augment.colour_augment)."""
+        x1, x2 = colour_augment(views, indices, epoch, device, self.aug, self.seed)
+        return x1, x2
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -407,7 +459,10 @@ class TwoViewLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
-            yield b["image"][0], b["image"][1], b["label"].view(-1).clone()  # [B, 3, res, res] x2, [B]
+            if self.colour_on_loader:
+                yield b["image"][0], b["image"][1], b["label"].view(-1).clone()  # [B, 3, res, res] x2, [B]
+            else:
+                yield b["image"], b["index"], b["label"].view(-1).clone()  # [B, 2, res, res, 3], [B], [B]
 
 
 class EvalLoader:
