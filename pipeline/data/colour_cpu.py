@@ -183,13 +183,19 @@ def augment_views(images: np.ndarray, jitter: np.ndarray, factors: np.ndarray, o
     rows = np.empty((3, height, width), dtype=np.float32)
     luma = np.empty(width, dtype=np.float32)
     pad = np.empty(width + taps.shape[1], dtype=np.float32)
+    line = np.empty(3 * width, dtype=np.uint8)  # one input row, contiguous: images is a strided view
     for i in range(b):
         for y in range(height):
-            src, r, g, bl = images[i, y], x[0, y], x[1, y], x[2, y]
+            src = images[i, y]
             for j in range(width):
-                r[j] = F32(src[j, 0]) / _U8
-                g[j] = F32(src[j, 1]) / _U8
-                bl[j] = F32(src[j, 2]) / _U8
+                for c in range(3):
+                    line[3 * j + c] = src[j, c]
+            r, g, bl = x[0, y], x[1, y], x[2, y]
+            for j in range(width):
+                u = np.uint64(3 * j)
+                r[j] = F32(line[u]) / _U8
+                g[j] = F32(line[u + np.uint64(1)]) / _U8
+                bl[j] = F32(line[u + np.uint64(2)]) / _U8
         if jitter[i]:
             for k in range(4):
                 op = order[i, k]
@@ -211,8 +217,9 @@ def augment_views(images: np.ndarray, jitter: np.ndarray, factors: np.ndarray, o
             for y in range(height):
                 src, dst = x[c, y], out[i, c, y]
                 if flip[i]:
+                    last = np.uint64(width - 1)
                     for j in range(width):
-                        dst[j] = (src[width - 1 - j] - m) / s
+                        dst[j] = (src[last - np.uint64(j)] - m) / s
                 else:
                     for j in range(width):
                         dst[j] = (src[j] - m) / s
