@@ -24,6 +24,7 @@ lint: setup
 bench: setup
 	python -m bench.loader
 	python -m bench.loader_parts
+	python -m bench.convert
 	python -m bench.negatives
 	python -m bench.pretrain_step
 	python -m bench.lineval

@@ -5,19 +5,22 @@ same JPEGs; then what the parts cost inside the real TwoViewLoader with its thre
     python -m bench.loader_parts [--data DIR | --image-size 96] [--res 64] [--batch-size 128] [--workers 2]
     (from the repo root; ends with a RESULT {json} line)
 
-Parts, one thread, each timed over every image (after one untimed pass of the same work):
+Parts, one thread, each timed over every image in CPU time of that thread (after one untimed pass of the
+same work; ffcv's parts: the least of 3 passes):
 - ffcv: decode = libjpeg-turbo on the JPEG bytes stored in the .beton (ffcv's imdecode), once per image
   for both views as the loader's decoder does; crop + resize = the keyed RandomResizedCrop draw and
   OpenCV's resize (ffcv's resize_crop) for each view; both in compiled numba loops. Colour ops =
-  pipeline/data/augment.py on batches of --batch-size crops, each op timed inside MocoV2Augment (the rest
-  of its time, mostly gathering the samples an op applies to and scattering them back, is
-  "gather/scatter"). Collation: none, the decoder writes into the batch array.
+  MocoV2Augment's CPU path on batches of --batch-size crops: the keyed draws (torch), then one numba
+  function per batch and view (pipeline/data/colour_cpu.py); each op's row is that function run with the
+  drawn flags of that op only, less the run with none (to float + normalize); "other" is the whole
+  MocoV2Augment less the rows. Collation: none, the decoder writes into the batch array.
 - torchvision: decode = ImageFolder's PIL loader, then each aug+ transform of bench/loader.py on PIL images
   / tensors as in main_moco.py, for each view; collation = DataLoader's default_collate of --batch-size
   samples.
-In the loader, a batch is decoded (numba, --workers threads) and then colour-augmented (torch, the batch
-split over --workers threads of one torch thread each), one after the other: the last line times the
-loader with and without the colour ops to show that split with the threads in play.
+In the loader, a batch is decoded (numba, --workers threads) and then colour-augmented (the batch split over
+--workers Python threads, each running the numba function without the GIL), one after the other: the last
+line times the loader with and without the colour ops (without: to float + normalize in torch, the
+baseline since the first version of this bench) to show that split with the threads in play.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -83,31 +87,17 @@ def stored_jpegs(beton: Path) -> tuple[np.ndarray, ...]:
             image["height"].astype(np.int64), image["width"].astype(np.int64))
 
 
-def per_image_ms(fn, n: int) -> float:
-    """ms per image of fn() over n images, after one untimed call (numba compiles, caches warm)."""
+def per_image_ms(fn, n: int, repeats: int = 3) -> float:
+    """CPU ms per image of fn() over n images on this thread (the least of `repeats` runs, after one untimed
+    call: numba compiles, caches warm). CPU time, not wall time: on 2 cores shared with other jobs a
+    preempted thread would otherwise be charged for the time it waited."""
     fn()
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3 / n
-
-
-class OpTimer:
-    """Patches the named functions of a module with wrappers that add their wall time to `seconds`."""
-
-    def __init__(self, module, names: dict[str, str]):
-        self.module, self.names, self.seconds = module, names, defaultdict(float)
-
-    def patches(self) -> list:
-        return [mock.patch.object(self.module, attr, self.timed(label, getattr(self.module, attr)))
-                for attr, label in self.names.items()]
-
-    def timed(self, label: str, fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.seconds[label] += time.perf_counter() - t0
-            return out
-        return wrapper
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - t0)
+    return best * 1e3 / n
 
 
 def ffcv_parts(beton: Path, res: int, batch_size: int, aug: AugParams) -> dict[str, float]:
@@ -121,32 +111,42 @@ def ffcv_parts(beton: Path, res: int, batch_size: int, aug: AugParams) -> dict[s
                                                            np.array(RATIO), view_keys, crops), n)}
 
     views = [torch.from_numpy(np.ascontiguousarray(crops[:, v])) for v in (0, 1)]  # [N, res, res, 3] each
-    ops = {"sample_keys": "random draws", "draw": "random draws", "to_float": "to float",
-           "_JITTER_OPS": None, "to_grayscale": "grayscale", "gaussian_blur": "blur", "hflip": "flip",
-           "normalize": "normalize"}
-    jitter = dict(zip(("brightness", "contrast", "saturation", "hue"), augment._JITTER_OPS, strict=True))
-    timer = OpTimer(augment, {k: v for k, v in ops.items() if v})
     transforms = [MocoV2Augment(aug, seed=0, view=v) for v in (0, 1)]
+    k = augment.blur_kernel_size(res)
+    starts = range(0, n - batch_size + 1, batch_size)
+    images = len(starts) * batch_size
+    draws = [[transforms[v].draws(torch.arange(s, s + batch_size), epoch=0) for v in (0, 1)] for s in starts]
+    off = torch.zeros(batch_size, dtype=torch.bool)
 
-    def colour_ops() -> float:
-        t0 = time.perf_counter()
-        for start in range(0, n - batch_size + 1, batch_size):
-            index = torch.arange(start, start + batch_size)
-            for v in (0, 1):
-                transforms[v](views[v][start: start + batch_size], index, epoch=0)
-        return time.perf_counter() - t0
+    def kernel_ms(**only) -> float:
+        """ms per image of MocoV2Augment's CPU kernel (both views) with the drawn flags, those not in `only`
+        (names of AugDraws flags) switched off: the cost of the ops kept, plus to float + normalize."""
+        kept = [[replace(d, **{f: d.__dict__[f] if f in only else off for f in ("jitter", "gray", "blur", "flip")})
+                 for d in pair] for pair in draws]
 
-    colour_ops()  # warm-up
-    with ExitStack() as stack:
-        for p in timer.patches():
-            stack.enter_context(p)
-        stack.enter_context(mock.patch.object(augment, "_JITTER_OPS", tuple(
-            timer.timed(name, op) for name, op in jitter.items())))
-        total = colour_ops()
-    images = (n // batch_size) * batch_size
-    for label, s in timer.seconds.items():
-        parts[label] = s * 1e3 / images
-    parts["gather/scatter"] = (total - sum(timer.seconds.values())) * 1e3 / images
+        def run() -> None:
+            for start, pair in zip(starts, kept, strict=True):
+                for v in (0, 1):
+                    augment.apply_cpu(views[v][start: start + batch_size], pair[v], k)
+        return per_image_ms(run, images)
+
+    def draws_ms() -> float:
+        def run() -> None:
+            for start in starts:
+                for v in (0, 1):
+                    d = transforms[v].draws(torch.arange(start, start + batch_size), epoch=0)
+                    augment.gaussian_kernel1d(d.sigma, k)
+        return per_image_ms(run, images)
+
+    base = kernel_ms()
+    parts["random draws"] = draws_ms()
+    parts["to float + normalize"] = base
+    for label, flag in (("colour jitter", "jitter"), ("grayscale", "gray"), ("blur", "blur"), ("flip", "flip")):
+        parts[label] = kernel_ms(**{flag: True}) - base
+    whole = per_image_ms(lambda: [transforms[v](views[v][s: s + batch_size], torch.arange(s, s + batch_size), 0)
+                                  for s in starts for v in (0, 1)], images)
+    parts["other"] = whole - sum(parts[r] for r in ("random draws", "to float + normalize", "colour jitter",
+                                                      "grayscale", "blur", "flip"))
     parts["collate"] = 0.0
     return parts
 
@@ -159,17 +159,17 @@ def torchvision_parts(data: Path, res: int, batch_size: int, aug: AugParams) -> 
     def one_pass(timed: bool) -> list:
         out = []
         for path, label in samples:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             image = pil_loader(path)
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             seconds["decode"] += (t1 - t0) * timed
             views = []
             for _ in range(2):
                 x = image
                 for name, step in steps.items():
-                    t0 = time.perf_counter()
+                    t0 = time.thread_time()
                     x = step(x)
-                    seconds[name] += (time.perf_counter() - t0) * timed
+                    seconds[name] += (time.thread_time() - t0) * timed
                 views.append(x)
             out.append((tuple(views), label))
         return out

@@ -54,6 +54,9 @@ class DataParams:
     jpeg_quality: int = _f(90, min=1, max=100)
     on_corrupt: str = _f("fail", choices=("fail", "skip"))
     num_workers: int = _f(2, min=1)
+    # where aug+'s colour ops run: cpu = in the loader's threads; cuda = in the training step on the GPU
+    # (the loader then hands over uint8 crops); auto = where training runs
+    augment_device: str = _f("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_train_step_forward_and_enqueue_run_on_the_device(betons, tmp_path, opti
     with fake_cuda():
         setup = StepSetup(CUDA, memory_format=torch.channels_last)
         state = new_state(p, model, setup)
-        fill_queue(state.model, loader, CUDA)
+        fill_queue(state.model, loader, setup)
         batch = next(iter(loader))  # CPU tensors, as the loader hands them over
         loss, k, figures = forward_loss(state, batch, setup, p.pretrain)
         assert is_fake(loss) and loss.device.type == "cuda" and loss.dtype == torch.float32
@@ -109,3 +109,33 @@ def test_similarities_synthesis_and_loss_are_fp32_under_bf16_autocast(betons, tm
         assert loss.dtype == torch.float32
         figures = train_step(state, batch, setup, p.pretrain)
         assert math.isfinite(figures["loss"]) and state.step == 1
+
+
+def test_colour_ops_in_the_step_match_the_loader_and_run_on_the_device(betons, tmp_path):
+    """data.augment_device: the loader hands over uint8 crops and indices, train_step makes the views where it
+    runs. On the CPU the loss equals the one from the loader's own views (float rounding apart); with fake
+    cuda, the colour ops, the step and the enqueue stay on the device."""
+    # plain BN over the batch: split BN's groups of 2 normalise 1x1 maps of 2 samples, where a 1e-6 change of
+    # an input can move the loss by 1e-2
+    p, _ = tiny_pretrain(tmp_path, method="mochi", hard_start_epoch=1, bn_splits=1)
+    p.pretrain.mochi = replace(p.pretrain.mochi, n_hard=4, s=2, s_prime=2)
+    pt = p.pretrain
+    on_loader = next(iter(TwoViewLoader(betons[0], pt.batch_size, pt.res, AugParams(), 1, seed=pt.seed)))
+    deferred = TwoViewLoader(betons[0], pt.batch_size, pt.res, AugParams(), 1, seed=pt.seed, augment_device="cuda")
+    uint8 = next(iter(deferred))
+    assert uint8.im_q.dtype == torch.uint8 and torch.equal(uint8.index, on_loader.index)
+    model = build_model(p)
+    losses = []
+    for batch, augment in ((on_loader, None), (uint8, deferred.colour_augment)):
+        m = build_model(p)
+        m.load_state_dict(model.state_dict())
+        setup = StepSetup(torch.device("cpu"), augment=augment)
+        torch.manual_seed(0)  # the shuffle-BN permutation
+        losses.append(forward_loss(new_state(p, m, setup), batch, setup, pt)[0].item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    with fake_cuda():
+        setup = StepSetup(CUDA, augment=deferred.colour_augment)
+        state = new_state(p, model, setup)
+        loss, k, _ = forward_loss(state, uint8, setup, pt)
+        assert loss.device.type == "cuda" and k.device.type == "cuda"
+        state.model.dequeue_and_enqueue(k, uint8.label.to(CUDA))

@@ -384,3 +384,27 @@ def test_more_workers_than_numba_threads_runs_on_numba_threads(train_beton: Path
     fits = EvalLoader(train_beton, batch_size=4, res=16, num_workers=config.NUMBA_NUM_THREADS, train_aug=True, seed=1)
     for (x, y), (x2, y2) in zip(wide, fits, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_uint8_mode_plus_colour_augment_equals_the_cpu_loader(train_beton: Path):
+    """augment_device not cpu: the loader yields uint8 crops and dataset indices, and colour_augment on them
+    (here on the CPU, as the training step would on its GPU) gives the CPU loader's views up to float
+    rounding, for any number of workers."""
+    cpu = TwoViewLoader(train_beton, batch_size=5, res=16, aug=A.AugParams(), num_workers=1, seed=3)
+    deferred = TwoViewLoader(train_beton, batch_size=5, res=16, aug=A.AugParams(), num_workers=2, seed=3,
+                             augment_device="cuda")
+    assert cpu.colour_on_loader and not deferred.colour_on_loader
+    for epoch in (2, 3):
+        cpu.set_epoch(epoch)
+        deferred.set_epoch(epoch)
+        batches = 0
+        for (x1, x2, y, _), (v1, v2, y_d, index) in zip(cpu, deferred, strict=True):
+            views = torch.stack([v1, v2], 1)  # [5, 2, 16, 16, 3]
+            assert views.dtype == torch.uint8 and views.shape == (5, 2, 16, 16, 3)
+            assert index.dtype == torch.int64 and index.shape == (5,) and len(set(index.tolist())) == 5
+            assert torch.equal(y, y_d)
+            d1, d2 = deferred.colour_augment(views, index, epoch, "cpu")
+            torch.testing.assert_close(d1, x1, atol=1e-4, rtol=0)
+            torch.testing.assert_close(d2, x2, atol=1e-4, rtol=0)
+            batches += 1
+        assert batches == 2

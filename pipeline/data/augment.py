@@ -10,9 +10,12 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.data.colour_cpu import augment_views
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -215,14 +218,36 @@ def draw(keys: Tensor, aug: AugParams) -> AugDraws:
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+def _where(flag: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Per sample: y where flag [B], else x (no host sync, unlike selecting the flagged samples)."""
+    return torch.where(flag.view(-1, 1, 1, 1), y, x)  # [B, 3, H, W]
+
+
 def apply(x: Tensor, d: AugDraws, kernel_size: int) -> Tensor:
-    """ColorJitter (per-sample random order) p, grayscale p, blur p, flip p, in MoCo's order; in place."""
+    """ColorJitter (per-sample random order) p, grayscale p, blur p, flip p, in MoCo's order, on any device.
+
+    Every op runs on the whole batch and a per-sample mask keeps its result or the input: more arithmetic
+    than selecting the samples an op applies to, but no data-dependent shapes, hence no host sync on a GPU
+    and it traces under FakeTensorMode. The CPU loader uses colour_cpu.augment_views instead (same math).
+    """
     for k in range(4):  # position in the jitter order
         for op_id, op in enumerate(_JITTER_OPS):
-            x = apply_where(x, d.jitter & (d.order[:, k] == op_id), op, d.factors[:, op_id])
-    x = apply_where(x, d.gray, to_grayscale)
-    x = apply_where(x, d.blur, lambda v, s: gaussian_blur(v, s, kernel_size), d.sigma)
-    return apply_where(x, d.flip, hflip)
+            x = _where(d.jitter & (d.order[:, k] == op_id), op(x, d.factors[:, op_id]), x)  # [B, 3, H, W]
+    x = _where(d.gray, to_grayscale(x), x)  # [B, 3, H, W]
+    x = _where(d.blur, gaussian_blur(x, d.sigma, kernel_size), x)  # [B, 3, H, W]
+    return _where(d.flip, hflip(x), x)  # [B, 3, H, W]
+
+
+def apply_cpu(images: Tensor, d: AugDraws, kernel_size: int) -> Tensor:
+    """apply + normalize for uint8 [B, H, W, 3] CPU crops, per sample in one numba function (colour_cpu.py);
+    -> normalised float32 [B, 3, H, W]."""
+    B, H, W, _ = images.shape
+    out = torch.empty(B, 3, H, W, dtype=torch.float32)  # [B, 3, H, W]
+    taps = gaussian_kernel1d(d.sigma, kernel_size)  # [B, K]
+    augment_views(images.numpy(), d.jitter.numpy(), d.factors.numpy(), d.order.numpy(), d.gray.numpy(),
+                  d.blur.numpy(), taps.numpy(), d.flip.numpy(), np.array(IMAGENET_MEAN, dtype=np.float32),
+                  np.array(IMAGENET_STD, dtype=np.float32), out.numpy())
+    return out
 
 
 def to_float(images: Tensor) -> Tensor:
@@ -240,7 +265,10 @@ def normalize(x: Tensor) -> Tensor:
 
 
 class MocoV2Augment:
-    """aug+ after the crop, for one view: cropped uint8 [B, H, W, 3] -> normalised float32 [B, 3, H, W]."""
+    """aug+ after the crop, for one view: cropped uint8 [B, H, W, 3] -> normalised float32 [B, 3, H, W].
+
+    On CPU tensors the numba path (apply_cpu), elsewhere the torch path (apply); both draw the same
+    parameters, so a device changes float rounding, not the augmentation."""
 
     def __init__(self, aug: AugParams, seed: int, view: int):
         self.aug, self.seed, self.view = aug, seed, view
@@ -249,5 +277,34 @@ class MocoV2Augment:
         return draw(sample_keys(self.seed, epoch, self.view, index), self.aug)
 
     def __call__(self, images: Tensor, index: Tensor, epoch: int) -> Tensor:
-        d = self.draws(index, epoch)
+        d = self.draws(index.to(images.device), epoch)
+        if images.device.type == "cpu":
+            return apply_cpu(images, d, blur_kernel_size(images.shape[1]))  # [B, 3, H, W]
         return normalize(apply(to_float(images), d, blur_kernel_size(images.shape[1])))  # [B, 3, H, W]
+
+
+def colour_augment(views: Tensor, indices: Tensor, epoch: int, device: torch.device | str, aug: AugParams,
+                   seed: int) -> tuple[Tensor, ...]:
+    """The loader's colour ops, run where the caller wants them (the training step, on its GPU).
+
+    views: uint8 [B, V, H, W, 3] crops as TwoViewLoader yields them with augment_device != cpu; indices:
+    the samples' dataset indices [B]; epoch: the loader's epoch. Returns V normalised float32
+    [B, 3, H, W] on `device`, the same views (up to float rounding) as the loader's CPU path gives.
+    """
+    views = views.to(device, non_blocking=True)  # [B, V, H, W, 3]
+    indices = indices.to(views.device, non_blocking=True)  # [B]
+    k = blur_kernel_size(views.shape[2])
+    out = []
+    for v in range(views.shape[1]):
+        d = draw(sample_keys(seed, epoch, v, indices), aug)
+        out.append(normalize(apply(to_float(views[:, v]), d, k)))  # [B, 3, H, W]
+    return tuple(out)
+
+
+def resolve_augment_device(setting: str, train_device: torch.device) -> torch.device:
+    """data.augment_device -> where the colour ops run: auto = where training runs."""
+    if setting == "auto":
+        return train_device
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError("data.augment_device = 'cuda' but torch sees no CUDA device (use auto or cpu)")
+    return torch.device(setting)

@@ -7,8 +7,10 @@ in this process. The order comes from ffcv's seeded RANDOM traversal (a function
 is drawn inside the numba decoder; numba freezes closure variables as constants, so the decoder reads the
 current epoch through the address of a one-element array it owns (the address is the frozen constant,
 the content is set by set_epoch). Each image is decoded once and cut into both views' crops. Colour ops,
-grayscale, blur and flip run batched in torch after loading, keyed by the dataset index of each sample,
-which a small ffcv operation hands over, the batch split over num_workers threads.
+grayscale, blur and flip run after loading, keyed by the dataset index of each sample, which a small ffcv
+operation hands over: on the CPU per sample in one numba function (colour_cpu.py), the batch split over
+num_workers threads; or, with TwoViewLoader's augment_device not cpu, in the training step on its device
+(augment.colour_augment), the loader then yielding the uint8 crops and the indices.
 """
 
 import os
@@ -46,6 +48,7 @@ from pipeline.data.augment import (
     AugParams,
     MocoV2Augment,
     apply_where,
+    colour_augment,
     hflip,
     mix64_int,
     normalize,
@@ -361,15 +364,37 @@ class LabelAndIndex(Operation):
         return replace(previous_state, jit_mode=False, shape=(2,), dtype=np.dtype(np.int64)), None
 
 
+class Uint8Views(Operation):
+    """The decoder's uint8 crops [B, V, H, W, 3], copied out of ffcv's reused buffer (into pinned memory when
+    CUDA is there, for a non-blocking copy): the colour ops then run in the training step, on its device."""
+
+    def __init__(self, state: LoaderState):
+        super().__init__()
+        self.state = state
+
+    def generate_code(self):
+        pin = self.state.pin_memory
+
+        def copy(images, _):
+            out = torch.empty(images.shape, dtype=images.dtype, pin_memory=pin)  # [B, V, H, W, 3]
+            return out.copy_(images)
+
+        return copy
+
+    def declare_state_and_memory(self, previous_state: State) -> tuple[State, None]:
+        return replace(previous_state, jit_mode=False), None
+
+
 # ---- loaders ------------------------------------------------------------------------------------------
 
 
 def _ffcv_loader(beton: Path, batch_size: int, num_workers: int, random_order: bool, seed: int,
-                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable, state: LoaderState,
+                 distributed: bool, drop_last: bool, decoder: Operation, fn: Callable | None, state: LoaderState,
                  indices: list[int] | None = None) -> Loader:
-    """One ffcv Loader with pipelines 'image' = (decoder, batch transform) and 'label', over the samples
-    `indices` (None: all)."""
-    pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), BatchTransform(fn, state)])}
+    """One ffcv Loader with pipelines 'image' = (decoder, batch transform; with fn None, the uint8 crops) and
+    'label' (label and dataset index), over the samples `indices` (None: all)."""
+    last = Uint8Views(state) if fn is None else BatchTransform(fn, state)
+    pipelines = {"image": PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), last])}
     pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[LabelAndIndex(), ToTensor()])
     order = OrderOption.RANDOM if random_order else OrderOption.SEQUENTIAL
     try:
@@ -423,13 +448,19 @@ def _epoch_batches(loader: Loader, state: LoaderState, epoch: int) -> Iterator[d
 class TwoViewLoader:
     """Two independently augmented MoCo v2 aug+ views of each image, one epoch per iteration.
 
-    Iterating twice without set_epoch repeats the same epoch (like DistributedSampler). pin_memory: batches
-    in page-locked memory, for asynchronous copies to a GPU (needs CUDA).
+    augment_device cpu (default): im_q, im_k are normalised float32 [B, 3, res, res]. Any other device: the
+    colour ops are left to the training step on that device; im_q, im_k are the uint8 crops [B, res, res, 3]
+    and `loader.colour_augment(views, indices, epoch, device)` gives the float views there, the same up to
+    float rounding. Iterating twice without set_epoch repeats the same epoch (like DistributedSampler).
+    pin_memory: batches in page-locked memory, for asynchronous copies to a GPU (needs CUDA).
     """
 
     def __init__(self, beton: Path, batch_size: int, res: int, aug: AugParams, num_workers: int, seed: int,
-                 distributed: bool = False, drop_last: bool = True, pin_memory: bool = False):
+                 distributed: bool = False, drop_last: bool = True, pin_memory: bool = False,
+                 augment_device: torch.device | str = "cpu"):
         self.epoch, self._state = 0, LoaderState(num_workers, pin_memory)
+        self.aug, self.seed = aug, seed
+        self.colour_on_loader = torch.device(augment_device).type == "cpu"
         decoder = KeyedResizedCrops((res, res), keyed_random_crop, aug.crop_scale, RATIO, seed, 2, self._state.epoch)
         augment = [MocoV2Augment(aug, seed, v) for v in (0, 1)]
 
@@ -437,7 +468,14 @@ class TwoViewLoader:
             return [augment[v](images[:, v], index, epoch) for v in (0, 1)]  # [b, 3, res, res] x2
 
         self.loader = _ffcv_loader(beton, batch_size, num_workers, True, seed, distributed, drop_last, decoder,
-                                   transform, self._state)
+                                   transform if self.colour_on_loader else None, self._state)
+
+    def colour_augment(self, views: Tensor, indices: Tensor, epoch: int, device: torch.device | str
+                       ) -> tuple[Tensor, Tensor]:
+        """(x1, x2) normalised float32 [B, 3, res, res] on device from a batch's uint8 views [B, 2, res, res, 3]
+        and dataset indices [B] (see augment.colour_augment)."""
+        x1, x2 = colour_augment(views, indices, epoch, device, self.aug, self.seed)
+        return x1, x2
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -448,7 +486,8 @@ class TwoViewLoader:
     def __iter__(self) -> Iterator[TwoViewBatch]:
         for b in _epoch_batches(self.loader, self._state, self.epoch):
             label, index = b["label"].clone().unbind(1)  # [B], [B]
-            yield TwoViewBatch(b["image"][0], b["image"][1], label, index)
+            yield TwoViewBatch(b["image"][:, 0], b["image"][:, 1], label, index) if not self.colour_on_loader \
+                else TwoViewBatch(b["image"][0], b["image"][1], label, index)
 
 
 class EvalLoader:

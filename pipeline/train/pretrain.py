@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -22,11 +22,20 @@ from pipeline import checkpoint
 from pipeline.analysis import analyze, class_similarity, write_analysis_tables
 from pipeline.cli import provenance
 from pipeline.config import Params, PretrainParams
-from pipeline.data.augment import AugParams
+from pipeline.data.augment import AugParams, resolve_augment_device
 from pipeline.data.ffcv_io import TwoViewLoader
 from pipeline.launch import Interrupted, InterruptFlag, PreemptionFlag, init_distributed, node_name
 from pipeline.models.moco import MoCo
-from pipeline.train.step import EpochSums, StepSetup, TrainState, build_model, fast_paths, new_state, train_step
+from pipeline.train.step import (
+    EpochSums,
+    StepSetup,
+    TrainState,
+    build_model,
+    fast_paths,
+    new_state,
+    train_step,
+    views_on_device,
+)
 
 TRAIN_CURVES = ("loss", "proxy_acc", "proxy_acc_with_synthetic", "lr")
 ANALYSIS_CURVES = ("alignment", "uniformity", "class_distance_ratio", "val_proxy_acc", "false_negatives_top10",
@@ -43,19 +52,20 @@ def lr_at(base_lr: float, epoch: int, epochs: int, schedule: str, steps: list) -
 
 
 @torch.no_grad()
-def fill_queue(model: MoCo, loader: TwoViewLoader, device: torch.device) -> None:
+def fill_queue(model: MoCo, loader: TwoViewLoader, setup: StepSetup) -> None:
     """Fill the queue with real keys (key encoder, augmented views) before the first step.
 
     A queue of random unit vectors is easy to beat by mapping every image to one point (the positive then
     scores ~1, random negatives ~0); at the toy scale that collapse happens in the few steps before the
     queue is refilled and is never undone. Starting from real keys removes the incentive."""
     model.train()
-    loader.set_epoch(1 << 20)  # draws of their own: an epoch no run reaches
+    epoch = 1 << 20  # draws of their own: an epoch no run reaches
+    loader.set_epoch(epoch)
     filled = 0
     while filled < model.K:
         for batch in loader:
-            im_k = batch.im_k.to(device, non_blocking=True)  # [B, 3, res, res]
-            model.dequeue_and_enqueue(model.encode_keys(im_k), batch.label.to(device, non_blocking=True))
+            im_k = views_on_device(batch, setup, epoch)[1]  # [B, 3, res, res]
+            model.dequeue_and_enqueue(model.encode_keys(im_k), batch.label.to(setup.device, non_blocking=True))
             filled += im_k.shape[0] * (dist.get_world_size() if dist.is_initialized() else 1)
             if filled >= model.K:
                 break
@@ -196,12 +206,15 @@ def pretrain(p: Params, train_beton: Path, val_beton: Path, out_path: Path, stat
     aug = AugParams(crop_scale=tuple(pt.crop_scale), blur_sigma=tuple(pt.blur_sigma))
     pin = device.type == "cuda" and torch.cuda.is_available()
     loader = TwoViewLoader(train_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed,
-                           distributed=world > 1, pin_memory=pin)
+                           distributed=world > 1, pin_memory=pin,
+                           augment_device=resolve_augment_device(p.data.augment_device, device))
+    if not loader.colour_on_loader:  # the colour ops run in the training step, on its device
+        setup = replace(setup, augment=loader.colour_augment)
     check_sizes(loader, pt, pt.batch_size * world, train_beton, rank)
     val_loader = TwoViewLoader(val_beton, pt.batch_size, pt.res, aug, p.data.num_workers, seed=pt.seed,
                                drop_last=False, pin_memory=pin) if rank == 0 else None
     if fresh and pt.queue_init == "keys":
-        fill_queue(state.model, loader, device)
+        fill_queue(state.model, loader, setup)
     if rank == 0 and fresh:
         shutil.rmtree(analysis_dir, ignore_errors=True)
     if rank == 0 and not fresh:

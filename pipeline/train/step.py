@@ -10,6 +10,7 @@ a CPU batch plus the samples' indices: augmentation on the device builds on that
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,9 @@ class StepSetup:
     rank: int = 0
     world: int = 1
     net: nn.Module | None = None  # what the forward pass calls: the DDP wrapper, or None for the model itself
+    # colour ops on this device (data.augment_device): (uint8 views [B, 2, res, res, 3], indices [B], loader
+    # epoch, device) -> two float views, the loader's colour_augment; None: the loader made the views
+    augment: Callable[[Tensor, Tensor, int, torch.device], tuple[Tensor, Tensor]] | None = None
 
 
 def fast_paths(pt: PretrainParams, device: torch.device) -> tuple[bool, torch.memory_format]:
@@ -97,14 +101,26 @@ def fast_paths(pt: PretrainParams, device: torch.device) -> tuple[bool, torch.me
     return bf16, torch.channels_last if nhwc else torch.contiguous_format
 
 
+def views_on_device(batch: TwoViewBatch, setup: StepSetup, loader_epoch: int) -> tuple[Tensor, Tensor]:
+    """The batch's two views on the training device in its memory format: copied (asynchronously from pinned
+    memory), or, when the colour ops run there (setup.augment), made from the uint8 crops, keyed by the
+    samples' dataset indices and the loader's epoch as the loader would have made them."""
+    dev, fmt = setup.device, setup.memory_format
+    if setup.augment is None:
+        return (batch.im_q.to(dev, memory_format=fmt, non_blocking=True),  # [B, 3, res, res]
+                batch.im_k.to(dev, memory_format=fmt, non_blocking=True))  # [B, 3, res, res]
+    views = torch.stack([batch.im_q.to(dev, non_blocking=True), batch.im_k.to(dev, non_blocking=True)], 1)  # uint8
+    im_q, im_k = setup.augment(views, batch.index.to(dev, non_blocking=True), loader_epoch, dev)  # [B, 3, res, res]
+    return im_q.contiguous(memory_format=fmt), im_k.contiguous(memory_format=fmt)
+
+
 def forward_loss(state: TrainState, batch: TwoViewBatch, setup: StepSetup, pt: PretrainParams) -> tuple:
     """The forward half of train_step: the CPU batch to the device, MoCo forward, the loss.
 
     Returns (loss [] fp32 with its graph, keys k [B, D], figures {"loss", "hits", "hits_all", "samples"}
     as tensors on the device)."""
-    dev, fmt = setup.device, setup.memory_format
-    im_q = batch.im_q.to(dev, memory_format=fmt, non_blocking=True)  # [B, 3, res, res]
-    im_k = batch.im_k.to(dev, memory_format=fmt, non_blocking=True)  # [B, 3, res, res]
+    dev = setup.device
+    im_q, im_k = views_on_device(batch, setup, state.epoch)  # [B, 3, res, res] x2; the loader's epoch = epochs done
     B = im_q.shape[0]
     query_index = (state.step * setup.world + setup.rank) * B + torch.arange(B, device=dev)  # [B] global ids
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=setup.bf16):  # similarities come out fp32
