@@ -5,7 +5,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench compare
 
 setup:
 	@bash tools/setup.sh
@@ -31,3 +31,6 @@ bench: setup
 	python -m bench.detection
 	python -m bench.scaling
 	python -m bench.resolution
+
+compare: setup
+	python -m pipeline.compare

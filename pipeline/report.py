@@ -48,6 +48,7 @@ COLUMNS = ("method", "arch", "epochs", "linear top-1 (best epoch)", "kNN top-1 (
 # was written; its pretraining epochs are not given there).
 PUBLISHED_SEMISUP = {"SynCo": "50.8 / 66.6 (1% / 10%) ‡"}
 
+PRIMARY_LINEVAL = "top1_best"  # the linear top-1 this report (and pipeline.compare) leads with: MoCo's main_lincls best
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
          "ytick.labelsize": 10, "legend.fontsize": 10, "figure.titlesize": 13, "axes.grid": True,
          "grid.alpha": 0.3, "savefig.dpi": 150}
@@ -103,7 +104,7 @@ def results_table(p: Params, pretrain: dict, lineval: dict, knn: dict, voc: dict
     coco_cell = " / ".join(_ap(coco[kind], "AP", coco_std) for kind in ("bbox", "segm"))
     voc_cell += " (random init)" if voc["init"] == "random" else ""
     coco_cell += " (random init)" if coco["init"] == "random" else ""
-    cells = {"pretrain": pretrain["epochs"], "lineval": f"{lineval['top1_best']:.1f} ({lineval['top1']:.1f} last)",
+    cells = {"pretrain": pretrain["epochs"], "lineval": f"{lineval[PRIMARY_LINEVAL]:.1f} ({lineval['top1']:.1f} last)",
              "knn": f"{knn['top1']:.1f} ({knn['random_init_top1']:.1f})", "voc": voc_cell, "coco": coco_cell,
              "semisup": semisup_cell(semisup)}
     cells = {k: f"~~{v}~~ stale" if k in stale and v != "" else v for k, v in cells.items()}
