@@ -8,9 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,11 @@ import torch.distributed as dist
 
 from pipeline.launch import init_distributed, master_addr
 from pipeline.train.pretrain import stage_to_scratch
-from tests.conftest import make_project, results, run
+from tests.conftest import make_project, results, run, wait_for
 from tests.slurm_fixture import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = ("hncl-n1", "hncl-n2")
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def where_am_i() -> dict:

@@ -15,6 +15,7 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from pipeline.compat import submitit as submitit_compat
+from tests.conftest import wait_for
 from tests.slurm_fixture import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,14 +73,6 @@ def make_executor(folder: Path, cluster: SlurmCluster, **params) -> submitit.Slu
     )
     executor.update_parameters(**params)
     return executor
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def read_count(progress: Path) -> int:

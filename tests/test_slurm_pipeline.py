@@ -7,26 +7,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import results, run
+from tests.conftest import results, run, wait_for
 
 SLURM = {"launch": {"executor": "slurm", "profile": "local-test"}}
 HANG = 3600  # s: the timeouts below only end a hang; on a shared 2-core machine the whole tiny study took > 900 s
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    """Poll `predicate` (an event: a file, a log line, a job state) until it holds; `timeout` only ends a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_repro(path: Path, *stages: str) -> subprocess.Popen:
