@@ -368,9 +368,13 @@ def plot(table: Table, baseline: str, out: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- the sweep
 
 def _dvc(args: list[str], repo: str) -> None:
-    r = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
-    if r.returncode:
-        raise CompareError(f"dvc {' '.join(args)} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-2000:]}")
+    """Run a dvc command; its output goes to a file, not a pipe: `dvc queue start` leaves a daemon holding its
+    stdout and stderr, and reading a pipe to its end would wait for the whole queue."""
+    with tempfile.TemporaryFile("w+") as out:
+        r = subprocess.run(["dvc", *args], cwd=repo, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        if r.returncode:
+            out.seek(0)
+            raise CompareError(f"dvc {' '.join(args)} failed ({r.returncode}): {out.read().strip()[-2000:]}")
 
 
 def queue_sweep(repo: str, methods: list[str], seeds: list[int], targets: list[str], jobs: int) -> list[str]:

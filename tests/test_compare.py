@@ -2,9 +2,8 @@
 
 The DVC tests use stand-in stages (a few lines that write metrics through the stages' own write_metrics, with
 values set by method and seed) under the real params schema, real `dvc exp run` and the real freshness hash,
-so that refusal and staleness are checked in seconds; the last test runs the real pretrain and kNN stages
-through the sweep's queue to check that a seed changes the numbers (a seed that changed nothing would fake a
-zero std)."""
+so that refusal and staleness are checked in seconds. The sweep itself, on the real stages through DVC's queue,
+is tests/test_pipeline_e2e.py::test_hard_negative_methods_run_as_dvc_experiments_and_compare."""
 
 import json
 import re
@@ -135,17 +134,3 @@ def test_compare_real_experiments_paired_stale_and_refused(tmp_path):
     _exp(path, "other-lineval", "pretrain.method=mochi", "pretrain.seed=2", "lineval.epochs=7")
     r = _compare(path, "--exp", "cmp-moco-s0", "cmp-mochi-s1", "other-lineval")
     assert r.returncode == 2 and "lineval.epochs: cmp-moco-s0 has 2, other-lineval has 7" in r.stderr, r.stderr
-
-
-def test_sweep_runs_the_real_stages_and_a_seed_changes_the_metrics(project):
-    """The sweep as `make compare` runs it, on the tiny study: dvc exp run --queue, dvc queue start, wait."""
-    path, _ = project
-    r = run(["python", "-m", "pipeline.compare", "--methods", "moco", "--seeds", "0", "1", "--targets", "knn"],
-            path, timeout=1800)
-    assert "compare: queued cmp-moco-s0" in r.stdout and "compare: queued cmp-moco-s1" in r.stdout, r.stdout
-    md = (path / "reports/comparison.md").read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| kNN top-1 |"))
-    std = float(re.search(r"± ([\d.]+)", row).group(1))
-    assert "(n=2)" in row and std > 0, md  # the two seeds trained different networks
-    assert "| cmp-moco-s0 | moco | 0 | knn |" in md, md
-    assert "metrics/lineval.json: in none of the experiments (stage not run)" in md, md  # listed, never dropped
