@@ -28,6 +28,7 @@ from pathlib import Path
 import dvc.api
 import matplotlib
 import yaml
+from dvc.exceptions import DvcException
 from matplotlib.figure import Figure
 
 from pipeline.config import ConfigError, Params, load_params
@@ -398,9 +399,17 @@ def queue_sweep(repo: str, methods: list[str], seeds: list[int], targets: list[s
 
 def wait_for(repo: str, names: list[str]) -> dict[str, dict]:
     """Poll the experiments' states until none is queued or running; the final listing."""
-    last = ""
+    last, errors = "", 0
     while True:
-        known = list_experiments(repo)
+        try:
+            known = list_experiments(repo)
+        except (DvcException, OSError) as e:  # an experiment's temp workspace made or removed mid-listing
+            errors += 1
+            if errors > 30:
+                raise CompareError(f"dvc.api.exp_show kept failing while waiting: {e}") from None
+            time.sleep(POLL_S)
+            continue
+        errors = 0
         states = {n: known.get(n, {}).get("state") for n in names}
         pending = [n for n, s in states.items() if s in ("Queued", "Running")]
         line = ", ".join(f"{n}: {s or 'done'}" for n, s in states.items())
