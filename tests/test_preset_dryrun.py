@@ -44,8 +44,8 @@ OVERRIDES = {
     "launch": {"executor": "local", "nodes": 1, "tasks_per_node": 1},  # world size 1 on this CPU
     # K scaled to the set, so N (each query's hard negatives, top N of the queue) too; s, s' and SynCo's counts stay
     "pretrain": {"queue_size": 4, "batch_size": 4, "res": 32, "mochi": {"n_hard": 4}, "synco": {"n_hard": 4}},
-    # SimCLR's lists name ImageNet's files (sha256-checked, not in the repo): the set's own balanced subset
-    # instead, after checking that the preset's missing lists are refused with the place to get them
+    # SimCLR's lists name ImageNet's files, not this set's: its own balanced subset instead, after checking that
+    # the preset's lists are read and refused naming the first image the set lacks
     "semisup": {"subset": "balanced", "trials": 1, "epochs": [1, 1], "batch_size": 4, "res": 32},
     "lineval": {"epochs": 1, "batch_size": 4, "res": 32},
     "knn": {"batch_size": 4, "res": 32},
@@ -144,7 +144,7 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
         assert math.isfinite(json.loads((tmp_path / "metrics/knn.json").read_text())["top1"])
     if "semisup" in stages:
         assert preset["semisup.subset"] == "simclr"
-        with pytest.raises(FileNotFoundError, match="SimCLR's ImageNet 1% list not found; copy 1percent.txt"):
+        with pytest.raises(ValueError, match=r"1percent.txt: line 1: n\d{8}/n\d{8}_\d+.JPEG is not in the train set"):
             semisup.subsets(replace(p, semisup=replace(p.semisup, subset="simclr")))
         semisup.main(p)
         fractions = json.loads((tmp_path / "metrics/semisup.json").read_text())["fractions"]

@@ -2,7 +2,6 @@
 through the .beton manifest), the fine-tuning optimizer, bad params, and the real stage under DVC."""
 
 import json
-import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -69,24 +68,16 @@ def test_simclr_list_must_exist_and_be_the_published_file(tmp_path):
         read_simclr_list(path, 0.1)
 
 
-def _real_simclr_dir() -> Path | None:
-    for folder in (os.environ.get("SIMCLR_SUBSETS", ""), str(REPO / "presets/imagenet_subsets")):
-        if folder and all((Path(folder) / name).is_file() for name, _, _ in SIMCLR_LISTS.values()):
-            return Path(folder)
-    return None
-
-
-@pytest.mark.skipif(_real_simclr_dir() is None, reason="SimCLR's lists are not in presets/imagenet_subsets "
-                    "(not committed: see its README) nor in $SIMCLR_SUBSETS")
 @pytest.mark.parametrize("fraction", [0.01, 0.1])
 def test_simclr_lists_parse_to_imagenet_train_paths_of_all_1000_classes(fraction):
+    """The shipped lists (presets/imagenet_subsets, sha256-checked on reading)."""
     name, count, _ = SIMCLR_LISTS[fraction]
-    rels = read_simclr_list(_real_simclr_dir() / name, fraction)
+    rels = read_simclr_list(REPO / "presets/imagenet_subsets" / name, fraction)
     assert len(rels) == len(set(rels)) == count
-    classes = {rel.split("/")[0] for rel in rels}
-    assert len(classes) == 1000 and all(rel.startswith(rel.split("/")[0] + "/" + rel.split("/")[0] + "_")
-                                        for rel in rels)
-    per_class = torch.bincount(torch.tensor([sorted(classes).index(rel.split("/")[0]) for rel in rels]))
+    wnids = [rel.split("/")[0] for rel in rels]
+    assert len(set(wnids)) == 1000 and all(rel.startswith(f"{w}/{w}_") for rel, w in zip(rels, wnids, strict=True))
+    index = {w: i for i, w in enumerate(sorted(set(wnids)))}
+    per_class = torch.bincount(torch.tensor([index[w] for w in wnids]))
     assert int(per_class.min()) >= 1 and int(per_class.max()) <= (13 if fraction == 0.01 else 130)
 
 
@@ -190,11 +181,11 @@ def test_semisup_stage_under_dvc_metrics_resume_narrow_deps_and_bad_lists(projec
     set_params({"semisup": {"subset": "simclr", "fractions": [0.01], "simclr_dir": "lists"}})
     r = run(["python", "-m", "stages.semisup"], path, check=False)
     assert r.returncode == 2 and "lists/1percent.txt: SimCLR's ImageNet 1% list not found" in r.stderr, r.stderr
-    real = _real_simclr_dir()
-    if real is not None:  # the published list against the toy train set: its first image is not there
-        (path / "lists").mkdir()
-        shutil.copy(real / "1percent.txt", path / "lists/1percent.txt")
-        r = run(["python", "-m", "stages.semisup"], path, check=False)
-        first = (real / "1percent.txt").read_text().split()[0]
-        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-        assert f"lists/1percent.txt: line 1: {first.split('_')[0]}/{first} is not in the train set" in r.stderr
+    # the published list (shipped) against the toy train set: its first image is not there
+    real = REPO / "presets/imagenet_subsets"
+    (path / "lists").mkdir()
+    shutil.copy(real / "1percent.txt", path / "lists/1percent.txt")
+    r = run(["python", "-m", "stages.semisup"], path, check=False)
+    first = (real / "1percent.txt").read_text().split()[0]
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"lists/1percent.txt: line 1: {first.split('_')[0]}/{first} is not in the train set" in r.stderr
