@@ -3,8 +3,8 @@
 `python -m pipeline.compare` queues `dvc exp run` over pretrain.method x pretrain.seed (experiments named
 cmp-<method>-s<seed>; those already run are reused), runs the queue (`dvc queue start -j N`), waits, and
 writes reports/comparison.md and reports/comparison.png. With --no-run it only compares: the sweep's
-experiments, or those named with --exp, or those whose params match --where (a cluster user queues SLURM
-jobs, and compares once they are done).
+experiments, or those named with --exp, or those whose params match --where, all of one commit (--rev, default
+HEAD): a cluster user queues SLURM jobs, and compares once they are done.
 
 Per method and metric: mean, std and a 95% t-interval over seeds, with the number of seeds. Per method
 against the baseline: the paired difference over the seeds both have (same seed, same data order and
@@ -17,6 +17,7 @@ Experiments that differ in any params key other than the swept ones are refused,
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 import dvc.api
 import matplotlib
 import yaml
-from dvc.exceptions import DvcException
+from dvc.exceptions import DvcException, PathMissingError
 from matplotlib.figure import Figure
 
 from pipeline.config import ConfigError, Params, load_params
@@ -158,9 +159,9 @@ def sweep_names(methods: list[str], seeds: list[int]) -> list[str]:
     return [f"{PREFIX}-{m}-s{s}" for m in methods for s in seeds]
 
 
-def list_experiments(repo: str) -> dict[str, dict]:
-    """DVC's experiments of the workspace's commit by name: {"rev", "state"} (dvc.api.exp_show)."""
-    rows = dvc.api.exp_show(repo=repo, force=True)
+def list_experiments(repo: str, rev: str) -> dict[str, dict]:
+    """DVC's experiments of commit `rev` by name: {"rev", "state"} (dvc.api.exp_show)."""
+    rows = dvc.api.exp_show(repo=repo, revs=rev, force=True)
     return {r["Experiment"]: {"rev": r["rev"], "state": r["State"]} for r in rows if r.get("Experiment")}
 
 
@@ -169,12 +170,13 @@ def metric_files() -> list[str]:
 
 
 def read_run(repo: str, name: str, rev: str, state: str | None) -> Run:
-    """An experiment's params (dvc.api.params_show) and metrics files (dvc.api.metrics_show, one file at a time)."""
+    """An experiment's params (dvc.api.params_show) and metrics files as its commit holds them (dvc.api.read:
+    metrics_show fails for a whole revision when any declared metrics file is absent from it)."""
     run = Run(name, rev, state, params=dvc.api.params_show(repo=repo, rev=rev))
     for path in metric_files():
         try:
-            run.metrics[path] = dvc.api.metrics_show(path, repo=repo, rev=rev) or None
-        except Exception:  # noqa: BLE001 - any DVC error for one file means: not there
+            run.metrics[path] = json.loads(dvc.api.read(path, repo=repo, rev=rev))
+        except (FileNotFoundError, PathMissingError):
             run.metrics[path] = None
     return run
 
@@ -239,7 +241,8 @@ class Table:
 
 def tabulate(runs: list[Run], repo: str | Path = ".") -> Table:
     """Collect each fresh metric of each successful run. A metrics file whose params hash is not the run's
-    (pipeline.freshness) is stale: it was computed for other params or weights, and is not used."""
+    (pipeline.freshness, with the run's own dvc.yaml) is stale: it was computed for other params or weights,
+    and is not used."""
     values: dict[str, dict[str, dict[int, float]]] = {}
     failed, missing, stale, stages_ran = [], {}, [], {}
     for run in runs:
@@ -247,15 +250,19 @@ def tabulate(runs: list[Run], repo: str | Path = ".") -> Table:
             failed.append(f"{run.name} ({run.state})")
             continue
         p = params_of(run, repo)
+        dvc_yaml = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)  # noqa: SIM115 - removed below
+        with dvc_yaml:
+            dvc_yaml.write(dvc.api.read("dvc.yaml", repo=str(repo), rev=run.rev))
         fresh_files = []
         for path in metric_files():
             m = run.metrics.get(path)
             if m is None:
                 missing.setdefault(path, []).append(run.name)
-            elif not is_fresh(m, path, p, Path(repo) / "dvc.yaml"):
+            elif not is_fresh(m, path, p, dvc_yaml.name):
                 stale.append(f"{run.name}: {path}")
             else:
                 fresh_files.append(path)
+        Path(dvc_yaml.name).unlink()
         stages_ran[run.name] = [Path(f).stem for f in fresh_files]
         found = [(label, run.metrics[path], keys) for label, path, keys in METRICS if path in fresh_files]
         if SEMISUP in fresh_files:
@@ -320,10 +327,11 @@ def comparison_markdown(table: Table, runs: list[Run], baseline: str, figure: st
                 pair = paired_difference(per.get(m, {}), per.get(baseline, {}))
                 cells += [_fmt_diff(*pair), verdict(pair[0])] if pair else ["", "no common seed"]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    failed_names = {item.split(" (")[0] for item in table.failed}
     lines += ["", "## Experiments", "", "| experiment | method | seed | stages with fresh metrics |",
               "|---|---|---|---|"]
     for run in runs:
-        ran = ", ".join(table.stages_ran.get(run.name, [])) or "(failed)"
+        ran = "(failed)" if run.name in failed_names else ", ".join(table.stages_ran.get(run.name, [])) or "none"
         lines.append(f"| {run.name} | {run.method} | {run.seed} | {ran} |")
     done = len(runs) - len(table.failed)
     missing = [f"{path}: " + ("in none of the experiments (stage not run)" if len(who) == done else ", ".join(who))
@@ -378,10 +386,12 @@ def _dvc(args: list[str], repo: str) -> None:
             raise CompareError(f"dvc {' '.join(args)} failed ({r.returncode}): {out.read().strip()[-2000:]}")
 
 
-def queue_sweep(repo: str, methods: list[str], seeds: list[int], targets: list[str], jobs: int) -> list[str]:
-    """Queue the sweep's experiments not already there, start the queue; the sweep's names."""
+def queue_sweep(repo: str, rev: str, methods: list[str], seeds: list[int], targets: list[str],
+                jobs: int) -> list[str]:
+    """Queue the sweep's experiments not already there (on the workspace, at commit `rev`), start the queue; the
+    sweep's names."""
     names = sweep_names(methods, seeds)
-    known = list_experiments(repo)
+    known = list_experiments(repo, rev)
     for m in methods:
         for s in seeds:
             name = f"{PREFIX}-{m}-s{s}"
@@ -397,12 +407,12 @@ def queue_sweep(repo: str, methods: list[str], seeds: list[int], targets: list[s
     return names
 
 
-def wait_for(repo: str, names: list[str]) -> dict[str, dict]:
+def wait_for(repo: str, rev: str, names: list[str]) -> dict[str, dict]:
     """Poll the experiments' states until none is queued or running; the final listing."""
     last, errors = "", 0
     while True:
         try:
-            known = list_experiments(repo)
+            known = list_experiments(repo, rev)
         except (DvcException, OSError) as e:  # an experiment's temp workspace made or removed mid-listing
             errors += 1
             if errors > 30:
@@ -426,7 +436,8 @@ def select(repo: str, names: list[str] | None, where: list[str], known: dict[str
     if names:
         absent = [n for n in names if n not in known]
         if absent:
-            raise CompareError(f"no experiment named {', '.join(absent)} on this commit (dvc exp show lists them)")
+            raise CompareError(f"no experiment named {', '.join(absent)} on the compared commit (--rev; "
+                               "`dvc exp show` lists them)")
         chosen = names
     else:
         chosen = sorted(known)
@@ -445,17 +456,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run", action="store_true", help="compare experiments that exist, queue nothing")
     ap.add_argument("--exp", nargs="+", help="with --no-run: the experiments to compare, by name")
     ap.add_argument("--where", nargs="+", default=[], help="with --no-run: params filters key=value")
+    ap.add_argument("--rev", default="HEAD", help="the commit whose experiments are compared (the sweep: the one "
+                    "it queues on, whatever is committed while it runs)")
     ap.add_argument("--repo", default=".")
     ap.add_argument("--out", default="reports/comparison.md")
     a = ap.parse_args(argv)
     try:
         start = time.monotonic()
+        rev = subprocess.run(["git", "rev-parse", a.rev], cwd=a.repo, capture_output=True, text=True).stdout.strip()
+        if not rev:
+            raise CompareError(f"--rev {a.rev}: not a commit of {a.repo}")
         if a.no_run:
-            known = list_experiments(a.repo)
+            known = list_experiments(a.repo, rev)
             names = a.exp or (None if a.where else [n for n in sweep_names(a.methods, a.seeds) if n in known])
         else:
-            names = queue_sweep(a.repo, a.methods, a.seeds, a.targets, a.jobs)
-            known = wait_for(a.repo, names)
+            names = queue_sweep(a.repo, rev, a.methods, a.seeds, a.targets, a.jobs)
+            known = wait_for(a.repo, rev, names)
         runs = select(a.repo, names, a.where, known)
         check_comparable(runs)
         table = tabulate(runs, a.repo)

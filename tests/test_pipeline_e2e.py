@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -97,7 +96,9 @@ def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
     assert "compare: cmp-moco-s0 already" in out and "compare: queued cmp-moco-s1" in out, out
     md = (path / "reports/comparison.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| kNN top-1 |"))
-    assert "(n=2)" in row and float(re.search(r"± ([\d.]+)", row).group(1)) > 0, md  # seeds 0, 1 differ
+    assert "(n=2)" in row, md  # kNN top-1 saturates on the tiny set (100 for every seed): the weights must differ
+    diff = json.loads(run(["dvc", "metrics", "diff", "cmp-moco-s0", "cmp-moco-s1", "--json"], path).stdout)
+    assert diff["metrics/pretrain.json"]["loss"]["diff"] != 0, diff  # the seed changed the run
     assert "metrics/lineval.json: in none of the experiments (stage not run)" in md, md  # listed, never dropped
 
     run(["dvc", "exp", "apply", "cmp-synco-s0"], path)
