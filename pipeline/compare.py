@@ -235,7 +235,7 @@ class Table:
     values: dict[str, dict[str, dict[int, float]]]
     failed: list[str]
     missing: dict[str, list[str]]  # metrics file -> the experiments without it
-    stale: list[str]
+    stale: dict[str, list[str]]  # metrics file -> the experiments where it was computed for other params
     stages_ran: dict[str, list[str]]
 
 
@@ -244,7 +244,7 @@ def tabulate(runs: list[Run], repo: str | Path = ".") -> Table:
     (pipeline.freshness, with the run's own dvc.yaml) is stale: it was computed for other params or weights,
     and is not used."""
     values: dict[str, dict[str, dict[int, float]]] = {}
-    failed, missing, stale, stages_ran = [], {}, [], {}
+    failed, missing, stale, stages_ran = [], {}, {}, {}
     for run in runs:
         if run.state not in (None, "Success"):
             failed.append(f"{run.name} ({run.state})")
@@ -259,7 +259,7 @@ def tabulate(runs: list[Run], repo: str | Path = ".") -> Table:
             if m is None:
                 missing.setdefault(path, []).append(run.name)
             elif not is_fresh(m, path, p, dvc_yaml.name):
-                stale.append(f"{run.name}: {path}")
+                stale.setdefault(path, []).append(run.name)
             else:
                 fresh_files.append(path)
         Path(dvc_yaml.name).unlink()
@@ -328,17 +328,24 @@ def comparison_markdown(table: Table, runs: list[Run], baseline: str, figure: st
                 cells += [_fmt_diff(*pair), verdict(pair[0])] if pair else ["", "no common seed"]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     failed_names = {item.split(" (")[0] for item in table.failed}
-    lines += ["", "## Experiments", "", "| experiment | method | seed | stages with fresh metrics |",
-              "|---|---|---|---|"]
+    labels = list(table.values)
+    lines += ["", "## Experiments", "", "| experiment | method | seed | stages with fresh metrics | "
+              + " | ".join(labels) + " |", "|---" * (4 + len(labels)) + "|"]
     for run in runs:
         ran = "(failed)" if run.name in failed_names else ", ".join(table.stages_ran.get(run.name, [])) or "none"
-        lines.append(f"| {run.name} | {run.method} | {run.seed} | {ran} |")
+        vals = [table.values[label].get(run.method, {}).get(run.seed) for label in labels]
+        cells = ["" if v is None else f"{v:.2f}" for v in vals]
+        lines.append(f"| {run.name} | {run.method} | {run.seed} | {ran} | " + " | ".join(cells) + " |")
     done = len(runs) - len(table.failed)
-    missing = [f"{path}: " + ("in none of the experiments (stage not run)" if len(who) == done else ", ".join(who))
-               for path, who in table.missing.items()]
+
+    def by_file(files: dict[str, list[str]], everywhere: str) -> list[str]:
+        return [f"{path}: " + (everywhere if len(who) == done else ", ".join(who)) for path, who in files.items()]
+
     for title, items in (("Failed experiments (not used)", table.failed),
-                         ("Missing metrics files (empty cells)", missing),
-                         ("Stale metrics (computed for other params or weights; not used)", table.stale)):
+                         ("Missing metrics files (empty cells)",
+                          by_file(table.missing, "in none of the experiments (stage not run)")),
+                         ("Stale metrics (computed for other params or weights; not used)",
+                          by_file(table.stale, "in every experiment (the baseline's file: the stage did not run)"))):
         if items:
             lines += ["", f"### {title}", "", *[f"- {item}" for item in items]]
     if figure:

@@ -124,11 +124,11 @@ def test_compare_real_experiments_paired_stale_and_refused(tmp_path):
     r = _compare(path, "--methods", "moco", "synco", "--seeds", "0", "1")
     assert r.returncode == 0, r.stderr
     md = (path / "reports/comparison.md").read_text()
-    assert "- cmp-synco-s1: metrics/lineval.json" in md.split("### Stale")[1], md
+    assert "- metrics/lineval.json: cmp-synco-s1" in md.split("### Stale")[1], md
     row = next(line for line in md.splitlines() if line.startswith("| linear top-1 |"))
     assert row.endswith("(n=2) |  |"), row  # synco's cell is empty: its only lineval number was stale
     assert re.search(r"\| kNN top-1 \| .* \| 84\.90 \(n=1\) \|", md), md  # 80 - 0.5 + 0.4 + 5
-    assert "| cmp-synco-s1 | synco | 1 | knn |" in md
+    assert "| cmp-synco-s1 | synco | 1 | knn |  | 84.90 |" in md, md
 
     # a differing lineval key: refused, naming the key and the experiments
     _exp(path, "other-lineval", "pretrain.method=mochi", "pretrain.seed=2", "lineval.epochs=7")

@@ -84,7 +84,7 @@ def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
     out = run(compare + ["--methods", "moco", "mochi", "synco", "--seeds", "0"], path, timeout=3600).stdout
     assert all(f"compare: queued cmp-{m}-s0" in out for m in ("moco", "mochi", "synco")), out
     md = (path / "reports/comparison.md").read_text()
-    assert "| cmp-mochi-s0 | mochi | 0 | knn |" in md and "| kNN top-1 | " in md, md
+    assert "| cmp-mochi-s0 | mochi | 0 | knn | " in md and "| kNN top-1 | " in md, md
     shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], path).stdout))
     assert "cmp-mochi-s0" in shown and "cmp-synco-s0" in shown
     diff = run(["dvc", "metrics", "diff", "cmp-moco-s0", "cmp-mochi-s0", "--json"], path).stdout
