@@ -183,19 +183,22 @@ def augment_views(images: np.ndarray, jitter: np.ndarray, factors: np.ndarray, o
     rows = np.empty((3, height, width), dtype=np.float32)
     luma = np.empty(width, dtype=np.float32)
     pad = np.empty(width + taps.shape[1], dtype=np.float32)
-    line = np.empty(3 * width, dtype=np.uint8)  # one input row, contiguous: images is a strided view
+    # one input row, contiguous (images is a strided view), as float32 (the values are exact): a uint8 scratch
+    # array here failed numba's typing as read-only after an in-process ffcv pretraining run with a cold
+    # cache (tests test_anatomy then test_augment; cause inside numba not found); float32 scratch does not
+    line = np.empty(3 * width, dtype=np.float32)
     for i in range(b):
         for y in range(height):
             src = images[i, y]
             for j in range(width):
                 for c in range(3):
-                    line[3 * j + c] = src[j, c]
+                    line[3 * j + c] = F32(src[j, c])
             r, g, bl = x[0, y], x[1, y], x[2, y]
             for j in range(width):
                 u = np.uint64(3 * j)
-                r[j] = F32(line[u]) / _U8
-                g[j] = F32(line[u + np.uint64(1)]) / _U8
-                bl[j] = F32(line[u + np.uint64(2)]) / _U8
+                r[j] = line[u] / _U8
+                g[j] = line[u + np.uint64(1)] / _U8
+                bl[j] = line[u + np.uint64(2)] / _U8
         if jitter[i]:
             for k in range(4):
                 op = order[i, k]
