@@ -123,6 +123,7 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
         (tmp_path / applied[key]).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / applied[key]).symlink_to(imagenet_shaped / split, target_is_directory=True)
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (tmp_path / "presets").symlink_to(REPO / "presets", target_is_directory=True)  # SimCLR's lists, as in the repo
     if {"voc", "coco"} & set(stages):
         assert all(applied[f"detection.{task}.root"] == f"data/{ROOTS[task]}" for task in {"voc", "coco"} & set(stages))
         make_toy_detection(tmp_path / "data", classes=2, train_images=4, test_images=2, size=64, seed=0)
