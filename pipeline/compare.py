@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.freshness import is_fresh
+from pipeline.presets import flatten
 from pipeline.report import PANEL, PRIMARY_LINEVAL, STYLE
 
 SWEPT = ("pretrain.method", "pretrain.seed")
@@ -146,13 +147,6 @@ class Run:
     @property
     def seed(self) -> int:
         return int(self.params["pretrain"]["seed"])
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return out
 
 
 def sweep_names(methods: list[str], seeds: list[int]) -> list[str]:

@@ -38,15 +38,16 @@ def leaves(names: list[str]) -> dict[str, Any]:
         path = PRESETS / f"{name}.yaml"
         if not path.is_file():
             raise ConfigError(f"preset {name!r} not found in {PRESETS}; available: {', '.join(available())}")
-        out |= _flatten(read_yaml_mapping(path, "params sections"))
+        out |= flatten(read_yaml_mapping(path, "params sections"))
     return out
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {dotted key: leaf}; an empty mapping is a leaf."""
     flat = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        flat |= _flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value}
+        flat |= flatten(value, dotted + ".") if isinstance(value, dict) and value else {dotted: value}
     return flat
 
 
