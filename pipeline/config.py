@@ -146,8 +146,8 @@ class SemisupParams:
     simclr_dir: str = _f("presets/imagenet_subsets")  # holds SimCLR's 1percent.txt and 10percent.txt
     epochs: list = _f([15])  # one for all fractions, or one per fraction (SynCo: [60, 30] for 1%, 10%)
     batch_size: int = _f(32, min=2)  # capped at the subset size (full batches only: BN trains on them)
-    lr_backbone: float = _f(0.01, min=0)  # absolute, not per 256 (as the reference)
-    lr_classifier: float = _f(0.05, min_exclusive=0)  # SynCo: 0.5 (diverged on the toy: loss 2.8 -> 21)
+    lr_backbone: float = _f(0.0005, min=0)  # absolute, not per 256 (as the reference); 1:100 to the classifier's
+    lr_classifier: float = _f(0.05, min_exclusive=0)  # SynCo: 0.5 with backbone 0.005 (diverged on the toy)
     momentum: float = _f(0.9, min=0, max=1)
     weight_decay: float = _f(1e-6, min=0)
     res: int = _f(32, min=8)

@@ -80,6 +80,8 @@ def make_project(path: Path) -> tuple[Path, Callable[[dict], None]]:
             shutil.copy(src, path / name)
     run(["git", "init", "-q"], path)
     run(["dvc", "init", "-q"], path)
+    for name in (".gitignore", ".dvcignore"):  # as a clone has them: `dvc exp` must not commit checkpoints to git
+        shutil.copy(REPO / name, path / name)
 
     def set_params(over: dict) -> None:
         params = path / "params.yaml"
