@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.data.toy_detection import make_toy_detection
-from pipeline.presets import PRESETS, leaves
+from pipeline.presets import PRESETS, flatten, leaves
 from stages import convert, detect, ffcv_convert, knn, lineval, pretrain, semisup
 from tests.conftest import results
 
@@ -62,14 +62,6 @@ COMBINATIONS = [
 ]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        out |= _flatten(value, dotted + ".") if isinstance(value, dict) else {dotted: value}
-    return out
-
-
 def _set(tree: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -94,7 +86,7 @@ def imagenet_shaped(tmp_path_factory) -> Path:
 
 
 def test_overrides_are_only_the_allowed_knobs():
-    assert {key.rsplit(".", 1)[1] for key in _flatten(OVERRIDES)} <= KNOBS
+    assert {key.rsplit(".", 1)[1] for key in flatten(OVERRIDES)} <= KNOBS
     assert {name for names, _ in COMBINATIONS for name in names} == {f.stem for f in PRESETS.glob("*.yaml")}
 
 
@@ -104,7 +96,7 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for dotted, value in preset.items():
         _set(raw, dotted, value)
-    over = _flatten(OVERRIDES)
+    over = flatten(OVERRIDES)
     method = preset.get("pretrain.method", raw["pretrain"]["method"])
     epochs = raw["pretrain"]["hard_start_epoch"] if method != "moco" else 1  # the warm-up, then its first epoch
     over["pretrain.epochs"] = epochs
@@ -113,7 +105,7 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     p = load_params(tmp_path / "params.yaml")
 
-    applied = _flatten(p.to_dict())
+    applied = flatten(p.to_dict())
     kept = {k: v for k, v in preset.items() if k not in over}
     assert {k: applied[k] for k in kept} == kept, "a preset value is not in effect"
     assert p.world_size == 1 and p.launch.executor == "local"
