@@ -51,6 +51,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """The inverse of flatten for one key: tree[a][b][c] = value for "a.b.c", making missing sections."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
 def apply(names: list[str], params_path: str | Path = "params.yaml") -> Params:
     """Write the presets into params_path and return the validated params; nothing is written if the
     result does not validate."""
@@ -59,14 +67,10 @@ def apply(names: list[str], params_path: str | Path = "params.yaml") -> Params:
     rt.preserve_quotes = True
     doc = rt.load(params_path.read_text())
     for dotted, value in leaves(names).items():
-        *parents, leaf = dotted.split(".")
-        node = doc
-        for key in parents:
-            node = node.setdefault(key, {})
         if isinstance(value, list):
             value = CommentedSeq(value)
             value.fa.set_flow_style()
-        node[leaf] = value
+        set_dotted(doc, dotted, value)
     buf = io.StringIO()
     rt.dump(doc, buf)
     trial = params_path.parent / f".{params_path.name}.presets-check"  # beside it: profiles resolve the same

@@ -74,6 +74,8 @@ def test_two_fresh_clones_compute_the_same_metrics_on_cpu(tmp_path):
 
 
 def test_hard_negative_methods_run_as_dvc_experiments_and_compare(project):
+    """MoCHi and SynCo as DVC experiments up to knn beside the MoCo v2 baseline, compared by DVC and by
+    pipeline.compare; then a second MoCo seed, which must change the run."""
     path, set_params = project
     run(["dvc", "repro", "knn"], path)
     run(["git", "add", "-A"], path)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.config import load_params
 from pipeline.data.toy_detection import make_toy_detection
-from pipeline.presets import PRESETS, flatten, leaves
+from pipeline.presets import PRESETS, flatten, leaves, set_dotted
 from stages import convert, detect, ffcv_convert, knn, lineval, pretrain, semisup
 from tests.conftest import results
 
@@ -62,13 +62,6 @@ COMBINATIONS = [
 ]
 
 
-def _set(tree: dict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        tree = tree.setdefault(key, {})
-    tree[leaf] = value
-
-
 @pytest.fixture(scope="module")
 def imagenet_shaped(tmp_path_factory) -> Path:
     """train/ and val/ with one folder per wnid, JPEGs of 300-500 px a side (smooth colour fields + noise)."""
@@ -95,13 +88,13 @@ def test_preset_runs_every_training_stage(names, stages, imagenet_shaped, tmp_pa
     preset = leaves(list(names))
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for dotted, value in preset.items():
-        _set(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     over = flatten(OVERRIDES)
     method = preset.get("pretrain.method", raw["pretrain"]["method"])
     epochs = raw["pretrain"]["hard_start_epoch"] if method != "moco" else 1  # the warm-up, then its first epoch
     over["pretrain.epochs"] = epochs
     for dotted, value in over.items():
-        _set(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     p = load_params(tmp_path / "params.yaml")
 
