@@ -244,19 +244,18 @@ def tabulate(runs: list[Run], repo: str | Path = ".") -> Table:
             failed.append(f"{run.name} ({run.state})")
             continue
         p = params_of(run, repo)
-        dvc_yaml = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)  # noqa: SIM115 - removed below
-        with dvc_yaml:
-            dvc_yaml.write(dvc.api.read("dvc.yaml", repo=str(repo), rev=run.rev))
         fresh_files = []
-        for path in metric_files():
-            m = run.metrics.get(path)
-            if m is None:
-                missing.setdefault(path, []).append(run.name)
-            elif not is_fresh(m, path, p, dvc_yaml.name):
-                stale.setdefault(path, []).append(run.name)
-            else:
-                fresh_files.append(path)
-        Path(dvc_yaml.name).unlink()
+        with tempfile.TemporaryDirectory() as tmp:
+            dvc_yaml = Path(tmp) / "dvc.yaml"  # the run's own stage definitions: its commit's dvc.yaml
+            dvc_yaml.write_text(dvc.api.read("dvc.yaml", repo=str(repo), rev=run.rev))
+            for path in metric_files():
+                m = run.metrics.get(path)
+                if m is None:
+                    missing.setdefault(path, []).append(run.name)
+                elif not is_fresh(m, path, p, dvc_yaml):
+                    stale.setdefault(path, []).append(run.name)
+                else:
+                    fresh_files.append(path)
         stages_ran[run.name] = [Path(f).stem for f in fresh_files]
         found = [(label, run.metrics[path], keys) for label, path, keys in METRICS if path in fresh_files]
         if SEMISUP in fresh_files:
